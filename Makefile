@@ -1,0 +1,27 @@
+# The two commands of the README: `make demo` and `make test`. Each installs what is missing
+# (scripts/setup.sh, a no-op when all is there), builds, and runs.
+SHELL := /bin/bash
+RUN := scripts/with-env
+CARGO := $(RUN) cargo
+
+.PHONY: setup build demo test bench fmt clippy
+
+setup:
+	@scripts/setup.sh
+
+build: setup
+	$(CARGO) build --release --bin mixq
+
+demo: build
+	$(RUN) target/release/mixq demo
+
+test: setup
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) test --all-targets
+
+bench: setup
+	$(CARGO) bench
+
+fmt:
+	$(CARGO) fmt --all

@@ -1,0 +1,15 @@
+//! mixq — mixed-precision quantization search.
+//!
+//! The pipeline runs in one direction: [`model`] (layers, forward, loss) → sensitivity →
+//! cost → allocation → [`config`] (per-layer formats, JSON) → [`eval`] (apply the config with
+//! fake quantization and measure). [`quant`] holds the number formats shared by every stage.
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod error;
+pub mod eval;
+pub mod model;
+pub mod quant;
+pub mod util;
+
+pub use error::{Error, Result};

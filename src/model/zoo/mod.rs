@@ -1,0 +1,1 @@
+//! Native model zoo. STUB (being implemented).
