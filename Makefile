@@ -10,10 +10,10 @@ setup:
 	@scripts/setup.sh
 
 build: setup
-	$(CARGO) build --release --bin mixq
+	$(CARGO) build --bin mixq
 
 demo: build
-	$(RUN) target/release/mixq demo
+	target/debug/mixq demo
 
 test: setup
 	$(CARGO) fmt --all --check

@@ -5,6 +5,7 @@
 //! fake quantization and measure). [`quant`] holds the number formats shared by every stage.
 #![deny(missing_docs)]
 
+pub mod cli;
 pub mod config;
 pub mod error;
 pub mod eval;

@@ -1,1 +1,14 @@
-fn main() { let _ = tch::Tensor::from_slice(&[1.0f32]); let _ = good_lp::variables!(); println!("ok"); }
+//! The `mixq` binary: parses the command line and calls the library.
+use clap::Parser;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let cli = mixq::cli::Cli::parse();
+    match mixq::cli::run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

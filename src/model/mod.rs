@@ -117,7 +117,10 @@ pub trait QuantModel {
 
     /// The layer named `name`, or an error with the closest names.
     fn layer(&self, name: &str) -> Result<&LayerInfo> {
-        self.layers().iter().find(|l| l.name == name).ok_or_else(|| Error::unknown_layer(name, self.layers().iter().map(|l| l.name.as_str())))
+        self.layers()
+            .iter()
+            .find(|l| l.name == name)
+            .ok_or_else(|| Error::unknown_layer(name, self.layers().iter().map(|l| l.name.as_str())))
     }
 
     /// Hex SHA-256 over the names, shapes and values of all parameters (for provenance and caches).
@@ -138,4 +141,35 @@ pub trait QuantModel {
         }
         crate::util::sha256_hex(&bytes)
     }
+}
+
+/// Loads a model: a zoo name (trained and cached on first use) or a TorchScript file, whose
+/// layers are discovered with a forward pass on a sample of `data` (required for TorchScript).
+pub fn load(spec: &str, data: Option<&data::Dataset>) -> Result<Box<dyn QuantModel>> {
+    let model: Box<dyn QuantModel> = if let Some(name) = zoo::NAMES.iter().find(|n| **n == spec) {
+        zoo::load(name, None)?
+    } else {
+        let path = std::path::Path::new(spec);
+        if !path.exists() {
+            return Err(Error::Model {
+                model: spec.to_string(),
+                msg: format!("no such file, and not a zoo model (zoo models: {})", zoo::NAMES.join(", ")),
+            });
+        }
+        let data = data.ok_or_else(|| Error::Model {
+            model: spec.to_string(),
+            msg: "a TorchScript model needs sample data (--data) to discover its layers".to_string(),
+        })?;
+        let sample = data.x.narrow(0, 0, (data.len() as i64).min(8));
+        Box::new(torchscript::TorchScriptModel::load(path, &sample)?)
+    };
+    if model.layers().is_empty() {
+        return Err(Error::Model {
+            model: spec.to_string(),
+            msg: "no quantizable layers found (parameters named `<layer>.weight` of rank 2 or 4). A module saved after \
+                  torch.jit.freeze keeps its weights as constants: save it without freezing"
+                .to_string(),
+        });
+    }
+    Ok(model)
 }

@@ -346,13 +346,20 @@ impl QuantSpec {
         }
         let (_, inner) = out_inner(shape);
         if let Granularity::PerGroup(g) = self.granularity {
-            if inner % i64::from(g) != 0 {
-                let divisors: Vec<String> = [8i64, 16, 32, 64, 128, 256].iter().filter(|d| inner % **d == 0).map(|d| format!("group:{d}")).collect();
-                let valid = if divisors.is_empty() { "tensor or channel".to_string() } else { format!("{}, tensor or channel", divisors.join(", ")) };
+            if g == 0 || inner % i64::from(g) != 0 {
+                let divisors: Vec<String> =
+                    [8i64, 16, 32, 64, 128, 256].iter().filter(|d| inner % **d == 0).map(|d| format!("group:{d}")).collect();
+                let valid = if divisors.is_empty() {
+                    "tensor or channel".to_string()
+                } else {
+                    format!("{}, tensor or channel", divisors.join(", "))
+                };
                 return Err(Error::invalid(
                     format!("granularity of layer `{layer}`"),
                     self.granularity.to_string(),
-                    format!("group size {g} does not divide the layer's input dimension {inner} (weight shape {shape:?}); valid here: {valid}"),
+                    format!(
+                        "group size {g} does not divide the layer's input dimension {inner} (weight shape {shape:?}); valid here: {valid}"
+                    ),
                 ));
             }
         }
@@ -470,5 +477,8 @@ mod tests {
         s.check_fits("fc", &[10, 64]).unwrap();
         let e = s.check_fits("stem.conv", &[16, 1, 3, 3]).unwrap_err().to_string();
         assert!(e.contains("stem.conv") && e.contains("does not divide") && e.contains("9"), "{e}");
+        // A zero group size (constructible directly, though not parseable) is an error, not a panic.
+        let z = QuantSpec::new(Format::Int { bits: 4, signed: true }, Granularity::PerGroup(0));
+        assert!(z.check_fits("fc", &[10, 64]).is_err());
     }
 }
