@@ -14,6 +14,7 @@ if [ -d "$MIXQ_VENV/bin" ]; then
 fi
 if [ -z "${LIBCLANG_PATH:-}" ]; then
   for d in "$MIXQ_VENV"/lib/python3*/site-packages/clang/native; do
-    [ -d "$d" ] && export LIBCLANG_PATH="$d"
+    if [ -d "$d" ]; then export LIBCLANG_PATH="$d"; fi
   done
 fi
+true

@@ -162,7 +162,7 @@ fn metrics_row(label: String, r: &EvalReport, size: &SizeReport) -> Vec<String> 
         bytes(size.total_bytes),
         r.accuracy.map(|a| format!("{:.2} %", 100.0 * a)).unwrap_or_else(|| "—".into()),
         format!("{:.4}", r.loss),
-        format!("{:.5}", r.kl),
+        format!("{:.2e}", r.kl),
         format!("{:.2} %", 100.0 * r.agreement),
     ]
 }
@@ -242,6 +242,9 @@ fn demo(a: DemoArgs) -> Result<()> {
     print!("{}", layers_table(model.as_ref()));
     println!();
     let reference = Reference::compute(model.as_ref(), &data)?;
+    let fp32 = eval::evaluate(model.as_ref(), &data, &reference)?;
+    println!("FP32: accuracy {:.2} %, loss {:.4}", 100.0 * fp32.accuracy.unwrap_or(f64::NAN), fp32.loss);
+    println!();
     let formats: Vec<Format> = Format::all();
     let bar = progress::bar(formats.len() as u64, "uniform baselines");
     let mut rows = Vec::new();
