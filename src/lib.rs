@@ -11,6 +11,7 @@ pub mod error;
 pub mod eval;
 pub mod model;
 pub mod quant;
+pub mod sensitivity;
 pub mod util;
 
 pub use error::{Error, Result};

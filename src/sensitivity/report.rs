@@ -1,0 +1,118 @@
+//! `SensitivityReport`: per-layer curvature statistics, the contract between the sensitivity
+//! engine (which writes it) and the cost model / allocator (which read it).
+
+use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// The `"format"` field of a sensitivity report.
+pub const REPORT_FORMAT: &str = "mixq.sensitivity-report";
+/// The report version this build reads and writes.
+pub const REPORT_VERSION: u64 = 1;
+
+/// One layer's sensitivity statistics. Every estimator fills `name`, `params` and the fields it
+/// measures; the others stay `None`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerSensitivity {
+    /// Fully qualified layer name.
+    pub name: String,
+    /// Number of weights n_i.
+    pub params: i64,
+    /// Estimated Tr(H_i) of the loss Hessian block of this layer's weight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<f64>,
+    /// Standard error of `trace`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_std_err: Option<f64>,
+    /// Probes (or samples) used for this layer.
+    #[serde(default)]
+    pub probes: u64,
+    /// Whether the stopping rule was met for this layer.
+    #[serde(default)]
+    pub converged: bool,
+    /// Top Hessian eigenvalue of the layer block, if estimated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_eigenvalue: Option<f64>,
+    /// Empirical Fisher trace, if estimated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fisher_trace: Option<f64>,
+    /// Measured loss increase when only this layer is quantized, per format name.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub measured_delta_loss: std::collections::BTreeMap<String, f64>,
+    /// Other estimator-specific values (e.g. first-order |g·ΔW| per format).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub extra: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+impl LayerSensitivity {
+    /// Tr(H_i)/n_i, the average curvature per weight (HAWQ-V2's normalised trace).
+    pub fn trace_per_param(&self) -> Option<f64> {
+        self.trace.map(|t| t / self.params.max(1) as f64)
+    }
+}
+
+/// A sensitivity report (JSON, `"format": "mixq.sensitivity-report"`, version 1).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SensitivityReport {
+    /// Always `mixq.sensitivity-report`.
+    pub format: String,
+    /// Always 1.
+    pub version: u64,
+    /// Model name (zoo name or path).
+    pub model: String,
+    /// SHA-256 of the model weights.
+    pub model_sha256: String,
+    /// Data spec (e.g. `digits:calib`).
+    pub data: String,
+    /// SHA-256 of the data used.
+    pub data_sha256: String,
+    /// Estimator settings, seed included (free-form, written by the estimator).
+    pub settings: serde_json::Value,
+    /// Per-layer statistics, in the model's layer order.
+    pub layers: Vec<LayerSensitivity>,
+}
+
+impl SensitivityReport {
+    /// Parses a report; `origin` names the file in errors.
+    pub fn from_json(text: &str, origin: &Path) -> Result<Self> {
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| Error::parse(origin, format!("not valid JSON: {e}")))?;
+        match value.get("format").and_then(|f| f.as_str()) {
+            Some(REPORT_FORMAT) => {}
+            other => {
+                return Err(Error::parse(
+                    origin,
+                    format!("field `format` is {other:?}, expected `{REPORT_FORMAT}`: not a mixq sensitivity report"),
+                ))
+            }
+        }
+        match value.get("version").and_then(|v| v.as_u64()) {
+            Some(REPORT_VERSION) => {}
+            Some(got) => return Err(Error::Version { path: origin.into(), what: REPORT_FORMAT.into(), got, expected: REPORT_VERSION }),
+            None => return Err(Error::parse(origin, "missing or non-integer field `version`")),
+        }
+        serde_json::from_value(value).map_err(|e| Error::parse(origin, e.to_string()))
+    }
+
+    /// Reads a report file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_json(&text, path)
+    }
+
+    /// Pretty JSON with a trailing newline.
+    pub fn to_json(&self) -> String {
+        let mut s = serde_json::to_string_pretty(self).expect("a SensitivityReport always serializes");
+        s.push('\n');
+        s
+    }
+
+    /// Writes the report atomically.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        crate::util::write_atomic(path, self.to_json().as_bytes())
+    }
+
+    /// The entry of layer `name`.
+    pub fn layer(&self, name: &str) -> Result<&LayerSensitivity> {
+        self.layers.iter().find(|l| l.name == name).ok_or_else(|| Error::unknown_layer(name, self.layers.iter().map(|l| l.name.as_str())))
+    }
+}
