@@ -1,54 +1,13 @@
 //! Quant config: JSON Schema agreement, round trips, resolution order, and validation errors.
 
+mod common;
+
+use common::Toy;
 use mixq::config::{LayerSetting, QuantConfig, Rule, CONFIG_SCHEMA};
-use mixq::model::{LayerInfo, LayerKind, QuantModel};
+use mixq::model::QuantModel;
 use mixq::quant::{Format, Granularity, QuantSpec};
-use mixq::Result;
 use std::path::{Path, PathBuf};
-use tch::{Kind, Tensor};
-
-/// A two-layer stand-in model: the config logic needs layers and weights, not a trained network.
-struct Toy {
-    layers: Vec<LayerInfo>,
-    params: Vec<(String, Tensor)>,
-}
-
-impl Toy {
-    fn new() -> Self {
-        let mk = |name: &str, kind, shape: Vec<i64>| LayerInfo { name: name.into(), kind, params: shape.iter().product(), macs: 0, shape };
-        let layers = vec![
-            mk("stem.conv", LayerKind::Conv2d, vec![32, 1, 3, 3]),
-            mk("layer1.0.conv1", LayerKind::Conv2d, vec![32, 32, 3, 3]),
-            mk("layer1.0.conv2", LayerKind::Conv2d, vec![32, 32, 3, 3]),
-            mk("fc", LayerKind::Linear, vec![10, 64]),
-        ];
-        tch::manual_seed(0);
-        let params =
-            layers.iter().map(|l| (format!("{}.weight", l.name), Tensor::randn(&l.shape, (Kind::Float, tch::Device::Cpu)))).collect();
-        Toy { layers, params }
-    }
-}
-
-impl QuantModel for Toy {
-    fn name(&self) -> &str {
-        "toy"
-    }
-    fn layers(&self) -> &[LayerInfo] {
-        &self.layers
-    }
-    fn input_shape(&self) -> &[i64] {
-        &[1, 8, 8]
-    }
-    fn num_classes(&self) -> i64 {
-        10
-    }
-    fn named_parameters(&self) -> Vec<(String, Tensor)> {
-        self.params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect()
-    }
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.flatten(1, -1).narrow(1, 0, 10))
-    }
-}
+use tch::Tensor;
 
 fn examples() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/config/examples");

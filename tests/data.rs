@@ -2,8 +2,10 @@
 //! npy format written to a temporary directory, and the errors for malformed files and data that
 //! does not fit a model.
 
+mod common;
+
+use common::Toy;
 use mixq::model::data::Dataset;
-use mixq::model::{LayerInfo, QuantModel};
 use std::path::PathBuf;
 use tch::{Kind, Tensor};
 
@@ -70,34 +72,8 @@ fn i64_bytes(v: &[i64]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-/// A stand-in model that takes `[1, 8, 8]` images and has 10 classes.
-struct Mock {
-    layers: Vec<LayerInfo>,
-}
-
-impl QuantModel for Mock {
-    fn name(&self) -> &str {
-        "mock-digits"
-    }
-    fn layers(&self) -> &[LayerInfo] {
-        &self.layers
-    }
-    fn input_shape(&self) -> &[i64] {
-        &[1, 8, 8]
-    }
-    fn num_classes(&self) -> i64 {
-        10
-    }
-    fn named_parameters(&self) -> Vec<(String, Tensor)> {
-        Vec::new()
-    }
-    fn forward(&self, x: &Tensor) -> mixq::Result<Tensor> {
-        Ok(x.flatten(1, -1).narrow(1, 0, 10))
-    }
-}
-
-fn mock() -> Mock {
-    Mock { layers: Vec::new() }
+fn mock() -> Toy {
+    Toy::new()
 }
 
 #[test]
@@ -194,7 +170,7 @@ fn check_for_says_what_the_model_expects() {
     let p = dir.write("flat.safetensors", &safetensors(&[("x", "F32", &[100, 64], f32_bytes(&[0.5; 6400]))]));
     let d = Dataset::load(&p).unwrap();
     let e = d.check_for(&mock()).unwrap_err().to_string();
-    assert!(e.contains("x has shape [100, 64] but model mock-digits expects samples of shape [1, 8, 8]; reshape to [100, 1, 8, 8]"), "{e}");
+    assert!(e.contains("x has shape [100, 64] but model toy expects samples of shape [1, 8, 8]; reshape to [100, 1, 8, 8]"), "{e}");
     assert!(e.contains("flat.safetensors"), "{e}");
 
     let p = dir.write("wrong.safetensors", &safetensors(&[("x", "F32", &[2, 3, 5], f32_bytes(&[0.5; 30]))]));
