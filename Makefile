@@ -17,11 +17,12 @@ demo: build
 
 test: setup
 	$(CARGO) fmt --all --check
-	$(CARGO) clippy --all-targets -- -D warnings
-	$(CARGO) test --all-targets
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) test --workspace --all-targets
 
 bench: setup
 	$(CARGO) bench
+	$(CARGO) bench -p mixq-kernels
 
 fmt:
 	$(CARGO) fmt --all

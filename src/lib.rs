@@ -5,8 +5,10 @@
 //! fake quantization and measure). [`quant`] holds the number formats shared by every stage.
 #![deny(missing_docs)]
 
+pub mod alloc;
 pub mod cli;
 pub mod config;
+pub mod cost;
 pub mod error;
 pub mod eval;
 pub mod model;

@@ -1,7 +1,10 @@
 //! The `mixq` command line: one subcommand per stage, plus `demo`. The binary's `main` only
 //! parses arguments and calls [`run`]; every subcommand is a thin layer over the library.
 
+pub mod allocate;
+pub mod pareto;
 pub mod progress;
+pub mod sensitivity;
 pub mod table;
 
 use crate::config::{LayerSetting, QuantConfig};
@@ -38,6 +41,12 @@ pub enum Command {
     Formats,
     /// Run the demo: the built-in digits CNN, its layers, and uniform baselines for every format.
     Demo(DemoArgs),
+    /// Per-layer sensitivity: Hessian traces with confidence intervals, eigenvalues, proxies.
+    Sensitivity(sensitivity::SensitivityArgs),
+    /// Choose a format per layer: minimal predicted loss within budgets → QuantConfig.
+    Allocate(allocate::AllocateArgs),
+    /// Sweep a budget and write the predicted Pareto front (CSV, SVG).
+    Pareto(pareto::ParetoArgs),
 }
 
 /// Which model and data.
@@ -94,6 +103,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => eval_cmd(a),
         Command::Formats => formats(),
         Command::Demo(a) => demo(a),
+        Command::Sensitivity(a) => sensitivity::run(a),
+        Command::Allocate(a) => allocate::run(a),
+        Command::Pareto(a) => pareto::run(a),
     }
 }
 

@@ -49,6 +49,22 @@ impl LayerSensitivity {
     pub fn trace_per_param(&self) -> Option<f64> {
         self.trace.map(|t| t / self.params.max(1) as f64)
     }
+
+    /// The trace as the cost model should use it: negative estimates (a layer where the loss is
+    /// not at a minimum, or noise around zero) clamped at 0, with a warning on the log. Quantization
+    /// noise is not aimed along negative-curvature directions, so a negative second-order term
+    /// would only credit a layer with a gain it will not see.
+    pub fn clamped_trace(&self) -> Option<f64> {
+        self.trace.map(|t| {
+            if t < 0.0 {
+                tracing::warn!(
+                    "layer {}: negative Hessian trace {t:.3e} clamped at 0 (use --curvature ggn for a PSD curvature)",
+                    self.name
+                );
+            }
+            t.max(0.0)
+        })
+    }
 }
 
 /// A sensitivity report (JSON, `"format": "mixq.sensitivity-report"`, version 1).

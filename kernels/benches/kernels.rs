@@ -1,0 +1,242 @@
+//! Kernel benchmarks: packed low-bit GEMV / GEMM against libtorch on the same shapes, with a
+//! memory-copy roofline measured in the same run, then a summary table on stdout.
+//!
+//! Shapes `N × K` (weight rows × inner) from real models: 768×768, 768×3072 (BERT/MiniLM),
+//! 4096×4096, 4096×11008 (LLaMA-7B); `M` activation rows 1, 8, 32, 128. `MIXQ_BENCH_SET` picks
+//! how many: `quick` (768×768 and 4096×4096 at M = 1 and 32), `default` (all shapes at M = 1;
+//! 768×768 and 4096×4096 at all M; 768×3072 at M = 32), `full` (every shape at every M).
+//! `MIXQ_BENCH_SUMMARY_ONLY=1` skips criterion and prints only the summary.
+//!
+//! Kernels: `w4` (int4, groups of 64, FP32 scales: 4.5 bits/weight, as ggml's q4_K), `w8` (int8
+//! per channel), `fp8` (E4M3 per channel), `fp4` (E2M1, groups of 32), `w8a8` (int8 × int8 with
+//! per-row activation quantization, M > 1); libtorch `fp32` matmul, `_weight_int8pack_mm`,
+//! `_weight_int4pack_mm_for_cpu` (the last two only at M ≤ 8: they take seconds at larger M).
+//!
+//! GB/s counts the bytes of the weight a kernel reads (codes + scales + zero points; FP32 for
+//! libtorch fp32 and int8/int4pack's own storage), GFLOP/s is `2·M·N·K / t`. The roofline is
+//! `copy`: `memcpy` of 256 MiB, reported as bytes copied per second (what "copy bandwidth" means
+//! in the README), next to a read-only pass (`read`, bytes summed per second).
+use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
+use mixq_kernels::{matmul, matmul_w8a8, random_weight, LibtorchOp, LibtorchWeight, PackedWeight, WeightFormat};
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+use tch::{Device, Kind, Tensor};
+
+const COPY_BYTES: usize = 256 << 20;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kernel {
+    W4,
+    W8,
+    Fp8,
+    Fp4,
+    W8A8,
+    TorchFp32,
+    TorchInt8,
+    TorchInt4,
+}
+
+const KERNELS: [Kernel; 8] =
+    [Kernel::W4, Kernel::W8, Kernel::Fp8, Kernel::Fp4, Kernel::W8A8, Kernel::TorchFp32, Kernel::TorchInt8, Kernel::TorchInt4];
+
+impl Kernel {
+    fn name(self) -> &'static str {
+        match self {
+            Kernel::W4 => "w4-g64",
+            Kernel::W8 => "w8",
+            Kernel::Fp8 => "fp8-e4m3",
+            Kernel::Fp4 => "fp4-g32",
+            Kernel::W8A8 => "w8a8",
+            Kernel::TorchFp32 => "torch-fp32",
+            Kernel::TorchInt8 => "torch-int8pack",
+            Kernel::TorchInt4 => "torch-int4pack",
+        }
+    }
+    fn runs_at(self, m: usize) -> bool {
+        match self {
+            Kernel::W8A8 => m > 1,
+            Kernel::TorchInt8 | Kernel::TorchInt4 => m <= 8,
+            _ => true,
+        }
+    }
+}
+
+fn cases() -> Vec<((usize, usize), usize)> {
+    let set = std::env::var("MIXQ_BENCH_SET").unwrap_or_else(|_| "default".into());
+    let all_shapes = [(768, 768), (768, 3072), (4096, 4096), (4096, 11008)];
+    let all_m = [1, 8, 32, 128];
+    let mut v = Vec::new();
+    for s in all_shapes {
+        for m in all_m {
+            let keep = match set.as_str() {
+                "full" => true,
+                "quick" => (s == (768, 768) || s == (4096, 4096)) && (m == 1 || m == 32),
+                _ => m == 1 || s == (768, 768) || s == (4096, 4096) || (s == (768, 3072) && m == 32),
+            };
+            if keep {
+                v.push((s, m));
+            }
+        }
+    }
+    v
+}
+
+/// A prepared kernel: a closure that runs it once, and the weight bytes it reads.
+struct Prepared {
+    run: Box<dyn FnMut()>,
+    bytes: usize,
+}
+
+fn prepare(kernel: Kernel, n: usize, k: usize, m: usize) -> Prepared {
+    let int8 = WeightFormat::Int8 { asymmetric: false };
+    let int4 = WeightFormat::Int4 { asymmetric: false };
+    let weight = |f: WeightFormat, g: usize| -> PackedWeight { random_weight(f, n, k, g, 1).expect("random weight") };
+    tch::manual_seed(0);
+    let xt = Tensor::randn([m as i64, k as i64], (Kind::Float, Device::Cpu));
+    let x: Vec<f32> = Vec::try_from(xt.view([-1])).expect("x");
+    let native = |w: PackedWeight, w8a8: bool| -> Prepared {
+        let bytes = w.bytes();
+        let (x, mut y) = (x.clone(), vec![0f32; m * n]);
+        Prepared {
+            run: Box::new(move || {
+                if w8a8 {
+                    matmul_w8a8(black_box(&x), m, &w, &mut y).expect("w8a8");
+                } else {
+                    matmul(black_box(&x), m, &w, &mut y).expect("matmul");
+                }
+                black_box(&y);
+            }),
+            bytes,
+        }
+    };
+    let torch = |w: PackedWeight, op: LibtorchOp, bytes: usize| -> Prepared {
+        let lw = LibtorchWeight::new(&w, op, Device::Cpu).expect("libtorch weight");
+        let xt = xt.shallow_clone();
+        Prepared {
+            run: Box::new(move || {
+                let _ = black_box(lw.forward(&xt).expect("libtorch op"));
+            }),
+            bytes,
+        }
+    };
+    match kernel {
+        Kernel::W4 => native(weight(int4, 64), false),
+        Kernel::W8 => native(weight(int8, k), false),
+        Kernel::Fp8 => native(weight(WeightFormat::Fp8E4M3, k), false),
+        Kernel::Fp4 => native(weight(WeightFormat::Fp4E2M1, 32), false),
+        Kernel::W8A8 => native(weight(int8, k), true),
+        Kernel::TorchFp32 => torch(weight(int8, k), LibtorchOp::Fp32, 4 * n * k),
+        Kernel::TorchInt8 => torch(weight(int8, k), LibtorchOp::Int8Pack, n * k + 4 * n),
+        // int4pack keeps 4-bit codes plus FP32 scale and zero per group of 64.
+        Kernel::TorchInt4 => torch(weight(int4, 64), LibtorchOp::Int4Pack, n * k / 2 + 8 * n * (k / 64)),
+    }
+}
+
+fn bench_kernels(c: &mut Criterion) {
+    if std::env::var("MIXQ_BENCH_SUMMARY_ONLY").is_ok() {
+        return;
+    }
+    let src = vec![1u8; COPY_BYTES];
+    let mut dst = vec![0u8; COPY_BYTES];
+    let mut g = c.benchmark_group("roofline");
+    g.throughput(Throughput::Bytes(COPY_BYTES as u64));
+    g.bench_function("copy-256MiB", |b| b.iter(|| copy(&src, &mut dst)));
+    g.bench_function("read-256MiB", |b| b.iter(|| read_sum(black_box(&src))));
+    g.finish();
+    drop((src, dst));
+    for ((n, k), m) in cases() {
+        let mut g = c.benchmark_group(format!("{n}x{k}/m{m}"));
+        for kernel in KERNELS.into_iter().filter(|kn| kn.runs_at(m)) {
+            let mut p = prepare(kernel, n, k, m);
+            g.throughput(Throughput::Bytes(p.bytes as u64));
+            g.bench_function(BenchmarkId::from_parameter(kernel.name()), |b| b.iter(&mut p.run));
+        }
+        g.finish();
+    }
+}
+
+fn copy(src: &[u8], dst: &mut [u8]) {
+    black_box(&mut *dst).copy_from_slice(black_box(src));
+    black_box(dst);
+}
+
+fn read_sum(v: &[u8]) -> u64 {
+    v.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).fold(0, u64::wrapping_add)
+}
+
+/// Median time of `f` over at least 5 runs and about `budget` of wall time, after 2 warm-ups.
+fn median(f: &mut dyn FnMut(), budget: Duration) -> f64 {
+    f();
+    f();
+    let start = Instant::now();
+    let mut t = Vec::new();
+    while t.len() < 5 || (start.elapsed() < budget && t.len() < 200) {
+        let s = Instant::now();
+        f();
+        t.push(s.elapsed().as_secs_f64());
+    }
+    t.sort_by(f64::total_cmp);
+    t[t.len() / 2]
+}
+
+fn summary() {
+    let budget = Duration::from_millis(400);
+    let src = vec![1u8; COPY_BYTES];
+    let mut dst = vec![0u8; COPY_BYTES];
+    let copy = COPY_BYTES as f64 / median(&mut || copy(&src, &mut dst), budget) / 1e9;
+    let read = COPY_BYTES as f64
+        / median(
+            &mut || {
+                black_box(read_sum(black_box(&src)));
+            },
+            budget,
+        )
+        / 1e9;
+    drop((src, dst));
+    println!(
+        "\nmixq-kernels summary ({} threads; roofline: memcpy {copy:.1} GB/s copied, read-only pass {read:.1} GB/s)",
+        rayon::current_num_threads()
+    );
+    println!("{:<16} {:>11} {:>4} {:>10} {:>8} {:>9} {:>8} {:>10}", "kernel", "N x K", "M", "time", "GB/s", "% copy", "GFLOP/s", "vs fp32");
+    for ((n, k), m) in cases() {
+        let mut fp32_t = f64::NAN;
+        let mut rows = Vec::new();
+        for kernel in [Kernel::TorchFp32].into_iter().chain(KERNELS.into_iter().filter(|k| *k != Kernel::TorchFp32)) {
+            if !kernel.runs_at(m) {
+                continue;
+            }
+            let mut p = prepare(kernel, n, k, m);
+            let t = median(&mut p.run, budget);
+            if kernel == Kernel::TorchFp32 {
+                fp32_t = t;
+            }
+            let gbs = p.bytes as f64 / t / 1e9;
+            rows.push(format!(
+                "{:<16} {:>11} {:>4} {:>8.3}ms {:>8.1} {:>8.0}% {:>8.1} {:>9.2}x",
+                kernel.name(),
+                format!("{n}x{k}"),
+                m,
+                t * 1e3,
+                gbs,
+                100.0 * gbs / copy,
+                2.0 * (m * n * k) as f64 / t / 1e9,
+                fp32_t / t
+            ));
+        }
+        for r in rows {
+            println!("{r}");
+        }
+    }
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(10).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(1));
+    targets = bench_kernels
+}
+
+fn main() {
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+    summary();
+}

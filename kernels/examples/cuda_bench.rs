@@ -1,0 +1,59 @@
+//! CUDA timings for `kernels/cuda-check.sh`: [`QLinear`] on `cuda:0` (libtorch's int8pack /
+//! int4pack ops, dequantized FP32 for the FP formats) against a libtorch FP32 matmul, at the
+//! bench shapes and M = 1, 8, 32, 128; median of 20 runs after 5 warm-ups, synchronised.
+//! Prints a note and exits 0 when there is no CUDA device.
+use mixq_kernels::torch::cuda_available;
+use mixq_kernels::{random_weight, LibtorchOp, LibtorchWeight, QLinear, WeightFormat};
+use std::time::Instant;
+use tch::{Cuda, Device, Kind, Tensor};
+
+fn median(f: &mut dyn FnMut()) -> f64 {
+    for _ in 0..5 {
+        f();
+    }
+    Cuda::synchronize(0);
+    let mut t: Vec<f64> = (0..20)
+        .map(|_| {
+            let s = Instant::now();
+            f();
+            Cuda::synchronize(0);
+            s.elapsed().as_secs_f64()
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[t.len() / 2]
+}
+
+fn main() -> anyhow::Result<()> {
+    if !cuda_available() {
+        println!("cuda_bench: no CUDA device; nothing to time");
+        return Ok(());
+    }
+    let dev = Device::Cuda(0);
+    println!("{:<10} {:>11} {:>4} {:>10} {:>10} {:>8}  op", "format", "N x K", "M", "qlinear", "fp32", "speed-up");
+    for (n, k) in [(768usize, 768usize), (768, 3072), (4096, 4096), (4096, 11008)] {
+        for (f, g) in
+            [(WeightFormat::Int4 { asymmetric: false }, 128), (WeightFormat::Int8 { asymmetric: false }, k), (WeightFormat::Fp8E4M3, k)]
+        {
+            let w = random_weight(f, n, k, g, 1)?;
+            let fp32 = LibtorchWeight::new(&w, LibtorchOp::Fp32, dev)?;
+            let q = QLinear::new(w, dev)?;
+            for m in [1i64, 8, 32, 128] {
+                let x = Tensor::randn([m, k as i64], (Kind::Float, dev));
+                let tq = median(&mut || drop(q.forward(&x).expect("qlinear")));
+                let tf = median(&mut || drop(fp32.forward(&x).expect("fp32")));
+                println!(
+                    "{:<10} {:>11} {:>4} {:>8.3}ms {:>8.3}ms {:>7.2}x  {:?}",
+                    f.name(),
+                    format!("{n}x{k}"),
+                    m,
+                    tq * 1e3,
+                    tf * 1e3,
+                    tf / tq,
+                    q.libtorch_op()
+                );
+            }
+        }
+    }
+    Ok(())
+}

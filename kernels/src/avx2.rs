@@ -1,0 +1,377 @@
+//! x86-64 AVX2 + FMA kernels (selected at run time with `is_x86_feature_detected!`).
+//!
+//! Every function here is `unsafe` and `#[target_feature(enable = "avx2,fma")]`: callers (only
+//! `gemm.rs`) have checked the CPU features, the shapes and the buffer lengths first.
+//!
+//! Weight-only kernels with FP32 activations decode 32 weights at a time into four `__m256` of
+//! exact dequantized values, `(code - zero) · scale` (one FP32 multiply, as the reference), and
+//! FMA them against the activations:
+//! - `m == 1` (GEMV): decode and FMA fused, four independent accumulators per row; the kernel
+//!   streams the packed weight once, so its speed is the decode throughput or the memory
+//!   bandwidth, whichever is lower.
+//! - `m > 1`: per task of up to [`ROWS`] weight rows and per chunk of [`KC`] inner elements,
+//!   the rows are decoded once into an L1-resident buffer, then a 2 × 4 register tile (two
+//!   activation rows × four weight rows, eight accumulators) runs over it for all `m`: decoding
+//!   is amortised over `m`, the activation chunk is reused by the four rows from L1.
+//!
+//! Blocks of 32 never straddle a scale group when `group % 32 == 0` or `group == k` (per
+//! channel); `gemm.rs` sends other group sizes to the scalar kernel.
+#![allow(unsafe_op_in_unsafe_fn)]
+// Register tiles index several arrays (accumulators, weights, activations) by the same
+// counters; iterator chains over them would hide the tile shape.
+#![allow(clippy::needless_range_loop)]
+
+use crate::pack::{PackedWeight, NIBBLE_BLOCK, NIBBLE_BLOCK_BYTES};
+use std::arch::x86_64::*;
+
+/// Weight rows per parallel task.
+pub(crate) const ROWS: usize = 8;
+/// Inner elements decoded per chunk in the `m > 1` kernel (a multiple of 32; 8 rows × 512 × 4 B = 16 KiB).
+pub(crate) const KC: usize = 512;
+
+/// Decodes block `b` (elements `32b .. 32b+32`) of row `r` into exact dequantized values.
+pub(crate) trait Block: Sync {
+    /// Block `b` of the row starting at `row`, with the scale and (stored-domain) zero point of
+    /// its group.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C are available; `row` is the start of a packed row and `32(b+1) <= k`.
+    unsafe fn block(&self, row: *const u8, b: usize, s: f32, z: i32) -> [__m256; 4];
+    /// The packed weight.
+    fn w(&self) -> &PackedWeight;
+}
+
+/// Walks the scale groups of one row block by block without a division per block: integer
+/// division costs tens of cycles, as much as decoding a whole block.
+struct GroupWalk<'a> {
+    w: &'a PackedWeight,
+    r: usize,
+    g: usize,
+    left: usize,
+    per_group: usize,
+    s: f32,
+    z: i32,
+}
+
+impl<'a> GroupWalk<'a> {
+    /// Positioned before block `b0` of row `r`.
+    #[inline]
+    fn new(w: &'a PackedWeight, r: usize, b0: usize) -> Self {
+        let per_group = if w.group == w.k { usize::MAX } else { w.group / NIBBLE_BLOCK };
+        let g = if per_group == usize::MAX { 0 } else { (b0 / per_group).min(w.groups_per_row() - 1) };
+        let left = if per_group == usize::MAX { usize::MAX } else { per_group - b0 % per_group };
+        let gi = r * w.groups_per_row() + g;
+        GroupWalk { w, r, g, left, per_group, s: w.scales[gi], z: w.zero(r, g) }
+    }
+    /// Scale and zero point of the next block.
+    #[inline]
+    fn next(&mut self) -> (f32, i32) {
+        if self.left == 0 {
+            self.g += 1;
+            self.left = self.per_group;
+            self.s = self.w.scales[self.r * self.w.groups_per_row() + self.g];
+            self.z = self.w.zero(self.r, self.g);
+        }
+        self.left -= 1;
+        (self.s, self.z)
+    }
+}
+
+/// INT4 (symmetric: zero point 8, or stored zero points).
+pub(crate) struct Int4<'a>(pub &'a PackedWeight);
+/// INT8 (zero point 0, or stored zero points).
+pub(crate) struct Int8<'a>(pub &'a PackedWeight);
+/// FP8 E4M3.
+pub(crate) struct Fp8<'a>(pub &'a PackedWeight);
+/// FP4 E2M1.
+pub(crate) struct Fp4<'a>(pub &'a PackedWeight);
+
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn i8x16_to_ps(v: __m128i, s: __m256) -> [__m256; 2] {
+    let a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+    let b = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(v)));
+    [_mm256_mul_ps(a, s), _mm256_mul_ps(b, s)]
+}
+
+impl Block for Int4<'_> {
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn block(&self, row: *const u8, b: usize, s: f32, z: i32) -> [__m256; 4] {
+        let p = row.add(b * NIBBLE_BLOCK_BYTES);
+        let v = _mm_loadu_si128(p as *const __m128i);
+        let mask = _mm_set1_epi8(0x0F);
+        let zv = _mm_set1_epi8(z as i8);
+        let lo = _mm_sub_epi8(_mm_and_si128(v, mask), zv);
+        let hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16::<4>(v), mask), zv);
+        let s = _mm256_set1_ps(s);
+        let [a, b2] = i8x16_to_ps(lo, s);
+        let [c, d] = i8x16_to_ps(hi, s);
+        [a, b2, c, d]
+    }
+    fn w(&self) -> &PackedWeight {
+        self.0
+    }
+}
+
+impl Block for Int8<'_> {
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn block(&self, row: *const u8, b: usize, s: f32, z: i32) -> [__m256; 4] {
+        let p = row.add(b * NIBBLE_BLOCK);
+        let s = _mm256_set1_ps(s);
+        let zv = _mm256_set1_epi32(z);
+        let mut out = [_mm256_setzero_ps(); 4];
+        for (i, o) in out.iter_mut().enumerate() {
+            let q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(8 * i) as *const __m128i));
+            *o = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q, zv)), s);
+        }
+        out
+    }
+    fn w(&self) -> &PackedWeight {
+        self.0
+    }
+}
+
+impl Block for Fp8<'_> {
+    /// E4M3 → FP16 by bits, then F16C's exact conversion to FP32: the byte `b` moved to the
+    /// high half of a 16-bit lane and shifted right arithmetically by one puts the sign in bit
+    /// 15 and the 7 exponent/mantissa bits in bits 7..=13 (bit 14, a copy of the sign, is
+    /// cleared). Read as FP16 that is the E4M3 value times `2^-8` — subnormals included, which
+    /// FP16 represents and F16C converts without a microcode assist — so the scale is multiplied
+    /// by 256: the same real product `value · scale`, hence the same FP32 rounding.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn block(&self, row: *const u8, b: usize, s: f32, z: i32) -> [__m256; 4] {
+        let _ = z;
+        let p = row.add(b * NIBBLE_BLOCK);
+        let s = _mm256_set1_ps(s * 256.0);
+        let clear14 = _mm256_set1_epi16(!0x4000);
+        let mut out = [_mm256_setzero_ps(); 4];
+        for half in 0..2 {
+            let q = _mm256_cvtepu8_epi16(_mm_loadu_si128(p.add(16 * half) as *const __m128i));
+            let h = _mm256_and_si256(_mm256_srai_epi16::<1>(_mm256_slli_epi16::<8>(q)), clear14);
+            out[2 * half] = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(h)), s);
+            out[2 * half + 1] = _mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256::<1>(h)), s);
+        }
+        out
+    }
+    fn w(&self) -> &PackedWeight {
+        self.0
+    }
+}
+
+impl Block for Fp4<'_> {
+    /// E2M1 → twice its value as an `i8` by a 16-entry byte shuffle (all E2M1 values are
+    /// multiples of 0.5), then times `scale / 2`: the same real product as `value · scale`, so
+    /// the same FP32 rounding (the sign of a zero aside).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn block(&self, row: *const u8, b: usize, s: f32, z: i32) -> [__m256; 4] {
+        let _ = z;
+        let p = row.add(b * NIBBLE_BLOCK_BYTES);
+        let v = _mm_loadu_si128(p as *const __m128i);
+        let lut = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+        let mask = _mm_set1_epi8(0x0F);
+        let lo = _mm_shuffle_epi8(lut, _mm_and_si128(v, mask));
+        let hi = _mm_shuffle_epi8(lut, _mm_and_si128(_mm_srli_epi16::<4>(v), mask));
+        let s = _mm256_set1_ps(s * 0.5);
+        let [a, b2] = i8x16_to_ps(lo, s);
+        let [c, d] = i8x16_to_ps(hi, s);
+        [a, b2, c, d]
+    }
+    fn w(&self) -> &PackedWeight {
+        self.0
+    }
+}
+
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// `yt[(r - r0) · m + i] = Σ_k x[i, k] · W[r, k]` for the rows `r0 .. r0 + yt.len() / m`.
+///
+/// # Safety
+/// AVX2, FMA and F16C are available; `x.len() == m · k`; `yt.len()` is a multiple of `m` and the rows
+/// lie within the weight; the weight's group satisfies `group % 32 == 0 || group == k`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn rows<D: Block>(d: &D, x: &[f32], m: usize, r0: usize, yt: &mut [f32]) {
+    let w = d.w();
+    let k = w.k;
+    let nb = yt.len() / m;
+    let kb = k / NIBBLE_BLOCK;
+    let rb = w.row_bytes();
+    let xp = x.as_ptr();
+    if m == 1 {
+        for (j, y) in yt.iter_mut().enumerate() {
+            let r = r0 + j;
+            let row = w.data.as_ptr().add(r * rb);
+            let mut walk = GroupWalk::new(w, r, 0);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for b in 0..kb {
+                let (s, z) = walk.next();
+                let wv = d.block(row, b, s, z);
+                for i in 0..4 {
+                    acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(b * NIBBLE_BLOCK + 8 * i)), wv[i], acc[i]);
+                }
+            }
+            let mut s = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+            for kk in kb * NIBBLE_BLOCK..k {
+                s += x[kk] * w.value(r, kk);
+            }
+            *y = s;
+        }
+        return;
+    }
+    yt.iter_mut().for_each(|v| *v = 0.0);
+    let mut buf = vec![0f32; ROWS * KC];
+    let mut k0 = 0;
+    while k0 < k {
+        let kc = KC.min(k - k0);
+        // Decode rows r0.. for elements k0 .. k0 + kc.
+        for j in 0..nb {
+            let r = r0 + j;
+            let out = buf.as_mut_ptr().add(j * KC);
+            let full = kc / NIBBLE_BLOCK;
+            let row = w.data.as_ptr().add(r * rb);
+            let mut walk = GroupWalk::new(w, r, k0 / NIBBLE_BLOCK);
+            for bi in 0..full {
+                let (s, z) = walk.next();
+                let wv = d.block(row, k0 / NIBBLE_BLOCK + bi, s, z);
+                for (i, v) in wv.iter().enumerate() {
+                    _mm256_storeu_ps(out.add(bi * NIBBLE_BLOCK + 8 * i), *v);
+                }
+            }
+            for t in full * NIBBLE_BLOCK..kc {
+                *out.add(t) = w.value(r, k0 + t);
+            }
+        }
+        tile_all(&buf, xp.add(k0), k, m, nb, kc, yt);
+        k0 += kc;
+    }
+}
+
+/// Adds `Σ_t x[i, t] · buf[j, t]` (t < kc) to `yt[j · m + i]` for all rows `j < nb`, `i < m`.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_all(buf: &[f32], xp: *const f32, ldx: usize, m: usize, nb: usize, kc: usize, yt: &mut [f32]) {
+    let mut i = 0;
+    while i < m {
+        let mr = (m - i).min(2);
+        let mut j = 0;
+        while j < nb {
+            let nr = (nb - j).min(4);
+            match (mr, nr) {
+                (2, 4) => tile::<2, 4>(buf, xp, ldx, m, i, j, kc, yt),
+                (1, 4) => tile::<1, 4>(buf, xp, ldx, m, i, j, kc, yt),
+                (2, _) => tile::<2, 1>(buf, xp, ldx, m, i, j, kc, yt),
+                _ => tile::<1, 1>(buf, xp, ldx, m, i, j, kc, yt),
+            }
+            j += if nr == 4 { 4 } else { 1 };
+        }
+        i += mr;
+    }
+}
+
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile<const MR: usize, const NR: usize>(
+    buf: &[f32],
+    xp: *const f32,
+    ldx: usize,
+    m: usize,
+    i0: usize,
+    j0: usize,
+    kc: usize,
+    yt: &mut [f32],
+) {
+    let mut acc = [[_mm256_setzero_ps(); NR]; MR];
+    let bp = buf.as_ptr();
+    let k8 = kc / 8 * 8;
+    let mut t = 0;
+    while t < k8 {
+        let mut wv = [_mm256_setzero_ps(); NR];
+        for (j, v) in wv.iter_mut().enumerate() {
+            *v = _mm256_loadu_ps(bp.add((j0 + j) * KC + t));
+        }
+        for (i, a) in acc.iter_mut().enumerate() {
+            let xv = _mm256_loadu_ps(xp.add((i0 + i) * ldx + t));
+            for j in 0..NR {
+                a[j] = _mm256_fmadd_ps(xv, wv[j], a[j]);
+            }
+        }
+        t += 8;
+    }
+    for (i, a) in acc.iter().enumerate() {
+        for (j, v) in a.iter().enumerate() {
+            let mut s = hsum(*v);
+            for tt in k8..kc {
+                s += *xp.add((i0 + i) * ldx + tt) * *bp.add((j0 + j) * KC + tt);
+            }
+            yt[(j0 + j) * m + i0 + i] += s;
+        }
+    }
+}
+
+/// INT8 × INT8 → INT32 dot products, added to `acc[j · m + i]` for rows `r0 + j` (`j < nb`) and
+/// activation rows `i < m`, over inner elements `k0 .. k0 + kc` (`kc` a multiple of 32).
+///
+/// `maddubs` multiplies unsigned by signed bytes: the weight goes in as `|w|` (128 fits in a
+/// `u8`) and the activation as `sign(x, w)`; activations are in `-127..=127`, so the negation never
+/// overflows, and a pair sum is at most 2 · 128 · 127 < 2^15, so `maddubs` never saturates.
+///
+/// # Safety
+/// AVX2 available; `xq.len() == m · k`, rows `r0 .. r0 + nb` exist in `wq` (row stride `k`),
+/// `k0 + kc <= k`, `acc.len() == nb · m`.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn i8_rows(wq: &[u8], xq: &[i8], k: usize, m: usize, r0: usize, nb: usize, k0: usize, kc: usize, acc: &mut [i32]) {
+    let ones = _mm256_set1_epi16(1);
+    let mut i = 0;
+    while i < m {
+        let mr = (m - i).min(2);
+        let mut j = 0;
+        while j < nb {
+            let nr = (nb - j).min(4);
+            let mut a = [[_mm256_setzero_si256(); 4]; 2];
+            let mut t = 0;
+            while t < kc {
+                let mut wa = [_mm256_setzero_si256(); 4];
+                let mut wv = [_mm256_setzero_si256(); 4];
+                for jj in 0..nr {
+                    wv[jj] = _mm256_loadu_si256(wq.as_ptr().add((r0 + j + jj) * k + k0 + t) as *const __m256i);
+                    wa[jj] = _mm256_sign_epi8(wv[jj], wv[jj]);
+                }
+                for ii in 0..mr {
+                    let xv = _mm256_loadu_si256(xq.as_ptr().add((i + ii) * k + k0 + t) as *const __m256i);
+                    for jj in 0..nr {
+                        let p = _mm256_maddubs_epi16(wa[jj], _mm256_sign_epi8(xv, wv[jj]));
+                        a[ii][jj] = _mm256_add_epi32(a[ii][jj], _mm256_madd_epi16(p, ones));
+                    }
+                }
+                t += 32;
+            }
+            for ii in 0..mr {
+                for jj in 0..nr {
+                    acc[(j + jj) * m + i + ii] += hsum_i32(a[ii][jj]);
+                }
+            }
+            j += nr;
+        }
+        i += mr;
+    }
+}
+
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn hsum_i32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+    _mm_cvtsi128_si32(s)
+}

@@ -1,0 +1,250 @@
+//! Safe entry points of the CPU kernels: shape checks, instruction-set dispatch, threading.
+//!
+//! `y[m, n] = x[m, k] · W[n, k]ᵀ` with `x`, `y` row-major FP32 and `W` a [`PackedWeight`].
+//! Work is split across rayon threads by blocks of weight rows (each task reads its rows once
+//! and writes its own slice of a transposed output `yᵀ[n, m]`, so no two tasks share a cache
+//! line of weights or outputs); `m > 1` results are transposed back at the end (`m · n`
+//! floats, negligible next to the product).
+//!
+//! Dispatch: [`Isa::Auto`] uses AVX2 + FMA when the CPU has them (checked once per call with
+//! `is_x86_feature_detected!`, a cached lookup) and the weight's groups are whole 32-element
+//! blocks (`group % 32 == 0`, or per channel); otherwise the portable scalar kernel, which gives
+//! the same values up to FP32 summation order.
+
+use crate::error::{shape, KernelError, Result};
+use crate::pack::{PackedWeight, WeightFormat};
+use rayon::prelude::*;
+
+/// Instruction set of the CPU kernels.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Isa {
+    /// The best available for the weight (AVX2 + FMA when present, else scalar).
+    #[default]
+    Auto,
+    /// Portable Rust, any CPU.
+    Scalar,
+    /// x86-64 AVX2 + FMA + F16C (an error on CPUs without them).
+    Avx2,
+}
+
+/// Whether the CPU running this process can use `isa`.
+pub fn isa_available(isa: Isa) -> bool {
+    match isa {
+        Isa::Auto | Isa::Scalar => true,
+        Isa::Avx2 => has_avx2(),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx2() -> bool {
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+}
+#[cfg(not(target_arch = "x86_64"))]
+fn has_avx2() -> bool {
+    false
+}
+
+/// Rows of the weight per parallel task.
+const ROWS: usize = 8;
+
+/// `y = x · Wᵀ` (`x`: `[m, k]`, `y`: `[m, n]`, row-major FP32) with the best kernel available.
+pub fn matmul(x: &[f32], m: usize, w: &PackedWeight, y: &mut [f32]) -> Result<()> {
+    matmul_isa(x, m, w, y, Isa::Auto)
+}
+
+/// The kernel [`matmul`] would use for this weight on this CPU.
+pub fn selected_isa(w: &PackedWeight, isa: Isa) -> Isa {
+    let simd_ok = w.group.is_multiple_of(32) || w.group == w.k;
+    match isa {
+        Isa::Auto if has_avx2() && simd_ok => Isa::Avx2,
+        Isa::Auto => Isa::Scalar,
+        other => other,
+    }
+}
+
+fn check_xy(x: &[f32], m: usize, k: usize, n: usize, y: &[f32]) -> Result<()> {
+    if m == 0 {
+        return Err(shape("m (activation rows)", "m > 0", m));
+    }
+    let (Some(mk), Some(mn)) = (m.checked_mul(k), m.checked_mul(n)) else {
+        return Err(shape("m (activation rows)", "m · k and m · n within memory", m));
+    };
+    if x.len() != mk {
+        return Err(shape("activations x", format!("{mk} values for [{m}, {k}]"), x.len()));
+    }
+    if y.len() != mn {
+        return Err(shape("output y", format!("{} values for [{m}, {n}]", m * n), y.len()));
+    }
+    Ok(())
+}
+
+/// [`matmul`] with an explicit instruction set. `Isa::Avx2` is an error on a CPU without AVX2 +
+/// FMA, or for a group size that is neither a multiple of 32 nor the whole row.
+pub fn matmul_isa(x: &[f32], m: usize, w: &PackedWeight, y: &mut [f32], isa: Isa) -> Result<()> {
+    check_xy(x, m, w.k, w.n, y)?;
+    let isa = selected_isa(w, isa);
+    if isa == Isa::Avx2 && !has_avx2() {
+        return Err(KernelError::Unsupported("this CPU has no AVX2 + FMA; use Isa::Auto or Isa::Scalar".into()));
+    }
+    if isa == Isa::Avx2 && !(w.group.is_multiple_of(32) || w.group == w.k) {
+        return Err(KernelError::Unsupported(format!(
+            "the AVX2 kernels need groups of a multiple of 32 elements or per-channel scales; got group {} (use Isa::Auto)",
+            w.group
+        )));
+    }
+    let mut yt = if m == 1 { Vec::new() } else { vec![0f32; m * w.n] };
+    let out: &mut [f32] = if m == 1 { y } else { &mut yt };
+    out.par_chunks_mut(ROWS * m).enumerate().for_each(|(t, chunk)| {
+        let r0 = t * ROWS;
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                use crate::avx2::{rows, Fp4, Fp8, Int4, Int8};
+                // SAFETY: AVX2 + FMA checked above; x.len() == m·k and y.len() == m·n checked;
+                // the chunk covers rows r0 .. r0 + chunk.len()/m < n; the group condition holds.
+                unsafe {
+                    match w.format {
+                        WeightFormat::Int4 { .. } => rows(&Int4(w), x, m, r0, chunk),
+                        WeightFormat::Int8 { .. } => rows(&Int8(w), x, m, r0, chunk),
+                        WeightFormat::Fp8E4M3 => rows(&Fp8(w), x, m, r0, chunk),
+                        WeightFormat::Fp4E2M1 => rows(&Fp4(w), x, m, r0, chunk),
+                    }
+                }
+            }
+            _ => scalar_rows(w, x, m, r0, chunk),
+        }
+    });
+    if m > 1 {
+        for (r, col) in yt.chunks_exact(m).enumerate() {
+            for (i, v) in col.iter().enumerate() {
+                y[i * w.n + r] = *v;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Portable kernel: decode one row at a time into a buffer, then plain dot products.
+fn scalar_rows(w: &PackedWeight, x: &[f32], m: usize, r0: usize, yt: &mut [f32]) {
+    let k = w.k;
+    let mut row = vec![0f32; k];
+    for (j, out) in yt.chunks_exact_mut(m).enumerate() {
+        let r = r0 + j;
+        for (kk, v) in row.iter_mut().enumerate() {
+            *v = w.value(r, kk);
+        }
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = dot(&x[i * k..(i + 1) * k], &row);
+        }
+    }
+}
+
+/// Dot product with eight partial sums (vectorisable by the compiler without fast-math).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ac, at) = a.split_at(a.len() / 8 * 8);
+    let (bc, bt) = b.split_at(ac.len());
+    for (x, y) in ac.chunks_exact(8).zip(bc.chunks_exact(8)) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + at.iter().zip(bt).map(|(x, y)| x * y).sum::<f32>()
+}
+
+/// Activations quantized dynamically per row for [`matmul_w8a8`]: `x ≈ q · scale`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuantizedActivations {
+    /// Codes `[m, k]` in `-127..=127` (symmetric; −128 unused so `maddubs` cannot overflow).
+    pub codes: Vec<i8>,
+    /// One FP32 scale per row: `amax / 127` (1 for an all-zero row).
+    pub scales: Vec<f32>,
+}
+
+/// Per-row symmetric INT8 quantization of `x` (`[m, k]`): `round_ties_even(x / (amax/127))`.
+/// Errors on a shape mismatch or a non-finite value.
+pub fn quantize_activations(x: &[f32], m: usize, k: usize) -> Result<QuantizedActivations> {
+    if m == 0 || k == 0 || m.checked_mul(k) != Some(x.len()) {
+        return Err(shape("activations x", format!("m · k values for [{m}, {k}] (m, k > 0)"), x.len()));
+    }
+    if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+        return Err(shape("activations x", "finite values", format!("{} at index {i}", x[i])));
+    }
+    let mut codes = vec![0i8; m * k];
+    let mut scales = vec![1f32; m];
+    for ((row, q), s) in x.chunks_exact(k).zip(codes.chunks_exact_mut(k)).zip(scales.iter_mut()) {
+        let amax = row.iter().fold(0f32, |a, v| a.max(v.abs()));
+        if amax > 0.0 {
+            *s = amax / 127.0;
+        }
+        for (c, v) in q.iter_mut().zip(row) {
+            *c = (v / *s).round_ties_even().clamp(-127.0, 127.0) as i8;
+        }
+    }
+    Ok(QuantizedActivations { codes, scales })
+}
+
+/// W8A8: `y = x · Wᵀ` with `x` quantized per row to INT8 ([`quantize_activations`]), INT8 ×
+/// INT8 → INT32 products, and `y = acc · x_scale · w_scale` in FP32. `W` must be symmetric
+/// `int8` with per-channel scales (the INT32 sum needs one scale per row).
+pub fn matmul_w8a8(x: &[f32], m: usize, w: &PackedWeight, y: &mut [f32]) -> Result<()> {
+    matmul_w8a8_isa(x, m, w, y, Isa::Auto)
+}
+
+/// [`matmul_w8a8`] with an explicit instruction set.
+pub fn matmul_w8a8_isa(x: &[f32], m: usize, w: &PackedWeight, y: &mut [f32], isa: Isa) -> Result<()> {
+    if w.format != (WeightFormat::Int8 { asymmetric: false }) || w.group != w.k {
+        return Err(KernelError::Unsupported(format!(
+            "W8A8 needs a symmetric int8 weight with per-channel scales; got {} with group {} of {}",
+            w.format, w.group, w.k
+        )));
+    }
+    check_xy(x, m, w.k, w.n, y)?;
+    let xq = quantize_activations(x, m, w.k)?;
+    let use_avx2 = match isa {
+        Isa::Auto => has_avx2(),
+        Isa::Avx2 if has_avx2() => true,
+        Isa::Avx2 => return Err(KernelError::Unsupported("this CPU has no AVX2; use Isa::Auto or Isa::Scalar".into())),
+        Isa::Scalar => false,
+    };
+    let k = w.k;
+    let mut yt = vec![0f32; m * w.n];
+    yt.par_chunks_mut(ROWS * m).enumerate().for_each(|(t, chunk)| {
+        let r0 = t * ROWS;
+        let nb = chunk.len() / m;
+        let mut acc = vec![0i32; nb * m];
+        let k32 = if use_avx2 { k / 32 * 32 } else { 0 };
+        #[cfg(target_arch = "x86_64")]
+        if use_avx2 {
+            const KC8: usize = 1024;
+            let mut k0 = 0;
+            while k0 < k32 {
+                let kc = KC8.min(k32 - k0);
+                // SAFETY: AVX2 checked; xq.codes.len() == m·k; rows r0..r0+nb < n with stride k
+                // in w.data; k0 + kc <= k; acc.len() == nb·m.
+                unsafe { crate::avx2::i8_rows(&w.data, &xq.codes, k, m, r0, nb, k0, kc, &mut acc) };
+                k0 += kc;
+            }
+        }
+        for j in 0..nb {
+            let wr = &w.data[(r0 + j) * k..(r0 + j + 1) * k];
+            for i in 0..m {
+                let xr = &xq.codes[i * k..(i + 1) * k];
+                let tail: i32 = (k32..k).map(|t| i32::from(wr[t] as i8) * i32::from(xr[t])).sum();
+                acc[j * m + i] += tail;
+            }
+        }
+        for j in 0..nb {
+            let sw = w.scales[r0 + j];
+            for i in 0..m {
+                chunk[j * m + i] = acc[j * m + i] as f32 * (xq.scales[i] * sw);
+            }
+        }
+    });
+    for (r, col) in yt.chunks_exact(m).enumerate() {
+        for (i, v) in col.iter().enumerate() {
+            y[i * w.n + r] = *v;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,226 @@
+//! Every CPU kernel against libtorch's FP32 matmul on the dequantized weight, over odd shapes
+//! (N = 1, K not a multiple of 32, M = 1 … 257), both instruction sets; packing errors; the
+//! libtorch ops and the CUDA path (skipped without a GPU).
+
+use mixq_kernels::torch::{cuda_available, dequantized_tensor};
+use mixq_kernels::{
+    isa_available, matmul_isa, matmul_w8a8_isa, quantize_activations, random_weight, time_shape, Isa, KernelError, LibtorchOp,
+    LibtorchWeight, PackedWeight, QLinear, TimingOptions, WeightFormat,
+};
+use tch::{Device, Kind, Tensor};
+
+/// Relative tolerance, to `Σ |x|·|w|`, of an FP32-accumulating kernel against libtorch FP32 on
+/// the same values: only the summation order differs (K ≤ 1000 here: ~K·2^-24 worst case).
+const FP32_ORDER_RTOL: f32 = 1e-5;
+/// Relative tolerance, to `Σ |x|·|w|`, of libtorch's int4pack / int8pack ops against FP32 on the
+/// same dequantized weight (they round activations or scales to BF16 on some paths).
+const LIBTORCH_LOWBIT_RTOL: f32 = 1e-2;
+
+const FORMATS: [WeightFormat; 6] = [
+    WeightFormat::Int4 { asymmetric: false },
+    WeightFormat::Int4 { asymmetric: true },
+    WeightFormat::Int8 { asymmetric: false },
+    WeightFormat::Int8 { asymmetric: true },
+    WeightFormat::Fp8E4M3,
+    WeightFormat::Fp4E2M1,
+];
+
+fn isas() -> Vec<Isa> {
+    [Isa::Scalar, Isa::Avx2].into_iter().filter(|i| isa_available(*i)).collect()
+}
+
+fn rand_x(m: usize, k: usize, seed: i64) -> Vec<f32> {
+    tch::manual_seed(seed);
+    Vec::<f32>::try_from(Tensor::randn([(m * k) as i64], (Kind::Float, Device::Cpu))).unwrap()
+}
+
+/// `x · Wᵀ` and `|x| · |W|ᵀ` by libtorch in FP32.
+fn reference(x: &[f32], m: usize, wd: &Tensor) -> (Vec<f32>, Vec<f32>) {
+    let xt = Tensor::from_slice(x).reshape([m as i64, -1]);
+    let y = xt.matmul(&wd.tr());
+    let b = xt.abs().matmul(&wd.abs().tr());
+    (Vec::try_from(y.view([-1])).unwrap(), Vec::try_from(b.view([-1])).unwrap())
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f32], bound: &[f32], rtol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let mut worst = (0usize, 0f32);
+    for i in 0..got.len() {
+        let tol = rtol * bound[i] + 1e-6;
+        let err = (got[i] - want[i]).abs();
+        assert!(err <= tol, "{what}: index {i}: got {}, expected {}, tolerance {tol}", got[i], want[i]);
+        if err / tol > worst.1 {
+            worst = (i, err / tol);
+        }
+    }
+}
+
+#[test]
+fn weight_only_kernels_match_libtorch_fp32() {
+    // (n, k, group): N = 1, K with a tail after the last 32-block, per-group, per-channel, a group
+    // that is not a multiple of 32 (scalar path under Auto).
+    let shapes = [(1, 64, 32), (1, 37, 37), (13, 96, 32), (9, 100, 100), (17, 600, 200), (5, 48, 16), (40, 256, 64)];
+    for (si, &(n, k, group)) in shapes.iter().enumerate() {
+        for (fi, &f) in FORMATS.iter().enumerate() {
+            let w = random_weight(f, n, k, group, (si * 10 + fi) as u64).unwrap();
+            let wd = dequantized_tensor(&w).unwrap();
+            for m in [1usize, 2, 3, 7, 18] {
+                let x = rand_x(m, k, (si * 100 + m) as i64);
+                let (want, bound) = reference(&x, m, &wd);
+                for isa in isas() {
+                    let mut y = vec![f32::NAN; m * n];
+                    let r = matmul_isa(&x, m, &w, &mut y, isa);
+                    if isa == Isa::Avx2 && group % 32 != 0 && group != k {
+                        assert!(matches!(r, Err(KernelError::Unsupported(_))), "{f} group {group}: AVX2 must refuse");
+                        continue;
+                    }
+                    r.unwrap();
+                    assert_close(&format!("{f} {isa:?} n={n} k={k} g={group} m={m}"), &y, &want, &bound, FP32_ORDER_RTOL);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn large_m_and_m_257() {
+    let (n, k) = (19, 160);
+    for &f in &FORMATS {
+        let w = random_weight(f, n, k, 32, 3).unwrap();
+        let wd = dequantized_tensor(&w).unwrap();
+        for m in [64usize, 257] {
+            let x = rand_x(m, k, m as i64);
+            let (want, bound) = reference(&x, m, &wd);
+            for isa in isas() {
+                let mut y = vec![0f32; m * n];
+                matmul_isa(&x, m, &w, &mut y, isa).unwrap();
+                assert_close(&format!("{f} {isa:?} m={m}"), &y, &want, &bound, FP32_ORDER_RTOL);
+            }
+        }
+    }
+}
+
+#[test]
+fn w8a8_matches_libtorch_on_quantized_activations() {
+    for &(n, k) in &[(1usize, 40usize), (21, 96), (8, 1000)] {
+        let w = random_weight(WeightFormat::Int8 { asymmetric: false }, n, k, k, 9).unwrap();
+        let wd = dequantized_tensor(&w).unwrap();
+        for m in [1usize, 3, 17, 130] {
+            let x = rand_x(m, k, 77);
+            let q = quantize_activations(&x, m, k).unwrap();
+            let xd: Vec<f32> = q.codes.iter().enumerate().map(|(i, &c)| f32::from(c) * q.scales[i / k]).collect();
+            let (want, bound) = reference(&xd, m, &wd);
+            for isa in isas() {
+                let mut y = vec![0f32; m * n];
+                matmul_w8a8_isa(&x, m, &w, &mut y, isa).unwrap();
+                assert_close(&format!("w8a8 {isa:?} n={n} k={k} m={m}"), &y, &want, &bound, FP32_ORDER_RTOL);
+            }
+        }
+    }
+    // Only symmetric per-channel int8 weights.
+    let w = random_weight(WeightFormat::Int8 { asymmetric: false }, 2, 64, 32, 1).unwrap();
+    assert!(matches!(matmul_w8a8_isa(&[0.0; 64], 1, &w, &mut [0.0; 2], Isa::Auto), Err(KernelError::Unsupported(_))));
+}
+
+#[test]
+fn activation_quantization_rounds_ties_to_even() {
+    let q = quantize_activations(&[127.0, 0.5, 1.5, -2.5, 0.0, 0.0, 0.0, 0.0], 2, 4).unwrap();
+    assert_eq!(q.codes, vec![127, 0, 2, -2, 0, 0, 0, 0]);
+    assert_eq!(q.scales, vec![1.0, 1.0]);
+    assert!(quantize_activations(&[f32::NAN], 1, 1).is_err());
+}
+
+#[test]
+fn shape_errors_not_panics() {
+    let w = random_weight(WeightFormat::Int4 { asymmetric: false }, 4, 64, 32, 0).unwrap();
+    let mut y = vec![0f32; 4];
+    assert!(matches!(matmul_isa(&[0.0; 63], 1, &w, &mut y, Isa::Auto), Err(KernelError::Shape { .. })));
+    assert!(matches!(matmul_isa(&[0.0; 64], 1, &w, &mut [0.0; 3], Isa::Auto), Err(KernelError::Shape { .. })));
+    assert!(matches!(matmul_isa(&[], 0, &w, &mut [], Isa::Auto), Err(KernelError::Shape { .. })));
+    // K not a multiple of the group: rejected when packing.
+    assert!(matches!(random_weight(WeightFormat::Int4 { asymmetric: false }, 2, 100, 32, 0), Err(KernelError::Group { .. })));
+    let e = PackedWeight::pack_int(WeightFormat::Int4 { asymmetric: false }, &[0; 200], &[1.0; 6], None, 2, 100).unwrap_err();
+    assert!(e.to_string().contains("divide"), "{e}");
+}
+
+#[test]
+fn libtorch_cpu_lowbit_ops_agree() {
+    let (n, k) = (16, 256);
+    let x = rand_x(3, k, 1);
+    let xt = Tensor::from_slice(&x).reshape([3, k as i64]);
+    for (f, group, op) in [
+        (WeightFormat::Int8 { asymmetric: false }, k, LibtorchOp::Int8Pack),
+        (WeightFormat::Int4 { asymmetric: false }, 64, LibtorchOp::Int4Pack),
+        (WeightFormat::Int4 { asymmetric: true }, 32, LibtorchOp::Int4Pack),
+    ] {
+        let w = random_weight(f, n, k, group, 4).unwrap();
+        let (want, bound) = reference(&x, 3, &dequantized_tensor(&w).unwrap());
+        let lw = LibtorchWeight::new(&w, op, Device::Cpu).unwrap();
+        let y = Vec::<f32>::try_from(lw.forward(&xt).unwrap().view([-1])).unwrap();
+        assert_close(&format!("libtorch {op:?} {f}"), &y, &want, &bound, LIBTORCH_LOWBIT_RTOL);
+    }
+}
+
+#[test]
+fn qlinear_cpu_and_cuda() {
+    let (n, k) = (24, 128);
+    let x = rand_x(5, k, 2);
+    let xt = Tensor::from_slice(&x).reshape([5, k as i64]);
+    let mut devices = vec![Device::Cpu];
+    if cuda_available() {
+        devices.push(Device::Cuda(0));
+    } else {
+        eprintln!("qlinear_cpu_and_cuda: no CUDA device, CUDA part skipped");
+        assert!(QLinear::new(random_weight(WeightFormat::Fp8E4M3, n, k, k, 0).unwrap(), Device::Cuda(0)).is_err());
+    }
+    for &f in &FORMATS {
+        let group = if f.bits() == 8 { k } else { 64 };
+        let w = random_weight(f, n, k, group, 5).unwrap();
+        let (want, bound) = reference(&x, 5, &dequantized_tensor(&w).unwrap());
+        for &d in &devices {
+            let l = QLinear::new(w.clone(), d).unwrap();
+            let y = Vec::<f32>::try_from(l.forward(&xt).unwrap().to_device(Device::Cpu).view([-1])).unwrap();
+            let rtol = if d == Device::Cpu { FP32_ORDER_RTOL } else { LIBTORCH_LOWBIT_RTOL };
+            assert_close(&format!("QLinear {f} on {d:?}"), &y, &want, &bound, rtol);
+        }
+    }
+}
+
+#[test]
+fn time_shape_runs() {
+    let t = time_shape(16, 64, WeightFormat::Int4 { asymmetric: false }, 32, 2, TimingOptions { warmup: 1, repeats: 3, seed: 1 }).unwrap();
+    assert_eq!(t.repeats, 3);
+    assert!(t.min_s <= t.median_s && t.median_s <= t.max_s);
+}
+
+#[test]
+fn identity_activations_give_the_dequantized_weight_exactly() {
+    // x = I (m = k): y[i, r] = W[r, i] with no rounding, so every decoder (AVX2 and scalar) must
+    // produce exactly PackedWeight::dequantize's values.
+    for &f in &FORMATS {
+        for &(n, k, group) in &[(5usize, 64usize, 32usize), (3, 70, 70), (4, 128, 64)] {
+            let w = random_weight(f, n, k, group, 11).unwrap();
+            let want = w.dequantize();
+            let mut x = vec![0f32; k * k];
+            for i in 0..k {
+                x[i * k + i] = 1.0;
+            }
+            for isa in isas() {
+                for m in [1usize, k] {
+                    let mut y = vec![0f32; m * n];
+                    matmul_isa(&x[..m * k], m, &w, &mut y, isa).unwrap();
+                    for i in 0..m {
+                        for r in 0..n {
+                            assert!(
+                                y[i * n + r] == want[r * k + i],
+                                "{f} {isa:?} m={m}: W[{r}, {i}] got {}, expected {}",
+                                y[i * n + r],
+                                want[r * k + i]
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! `mixq sensitivity`: per-layer curvature and proxies → a `mixq.sensitivity-report` JSON.
+
+use super::progress;
+use super::table::{thousands, Table};
+use super::ModelArgs;
+use crate::quant::{Format, Granularity};
+use crate::sensitivity::{self, Curvature, EigenSettings, Estimator, SensitivityReport, SensitivitySettings, TraceSettings};
+use anyhow::{Context, Result};
+use clap::Args;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// `mixq sensitivity`.
+#[derive(Args, Debug)]
+pub struct SensitivityArgs {
+    /// A zoo model name (`digits-resnet`) or a TorchScript file (`.pt`).
+    #[arg(long, default_value = "digits-resnet")]
+    pub model: String,
+    /// Calibration data: `digits[:train|calib|test]`, a `.safetensors` file (tensors `x`, optional
+    /// `y`), or `X.npy[,Y.npy]`. Without labels the loss is KL to the model's FP32 outputs.
+    #[arg(long, default_value = "digits:calib")]
+    pub data: String,
+    /// Estimators, comma-separated: hutchinson, hutchpp, fisher, grad (|g·ΔW| and ‖ΔW‖² per
+    /// format), measured (loss increase per layer and format), eigen (top eigenvalue per layer).
+    #[arg(long, value_delimiter = ',', default_value = "hutchinson")]
+    pub estimator: Vec<String>,
+    /// Curvature of the trace and eigenvalue estimators: hessian, or ggn (Gauss–Newton, PSD).
+    #[arg(long, default_value = "hessian")]
+    pub curvature: String,
+    /// Stop when every layer's 95 % CI half-width is at most this fraction of |trace|.
+    #[arg(long, default_value_t = 0.05)]
+    pub tol: f64,
+    /// ...or at most this fraction of Σ|trace| over all layers (near-zero layers cannot stall).
+    #[arg(long, default_value_t = 1e-3)]
+    pub tol_floor: f64,
+    /// Probes before the stopping rule is first tested.
+    #[arg(long, default_value_t = 10)]
+    pub min_probes: u64,
+    /// Most probes (residual probes for hutchpp).
+    #[arg(long, default_value_t = 200)]
+    pub max_probes: u64,
+    /// Hutch++ sketch size (costs twice as many products up front).
+    #[arg(long, default_value_t = 8)]
+    pub sketch: u64,
+    /// Seed of the random probes.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Calibration batch size (memory is bounded by one batch's graph).
+    #[arg(long, default_value_t = sensitivity::DEFAULT_BATCH_SIZE)]
+    pub batch_size: usize,
+    /// Formats of the grad and measured estimators, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "int2,int4,int8")]
+    pub formats: Vec<String>,
+    /// Granularity of those formats (`tensor`, `channel`, `group:N`).
+    #[arg(long, default_value = "channel")]
+    pub granularity: String,
+    /// Write the report (JSON) here, atomically.
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+    /// Print the JSON report on stdout instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn settings(a: &SensitivityArgs) -> Result<SensitivitySettings> {
+    let estimators = a.estimator.iter().map(|e| e.parse::<Estimator>()).collect::<Result<Vec<_>, _>>()?;
+    let curvature: Curvature = a.curvature.parse()?;
+    let formats = a.formats.iter().map(|f| f.parse::<Format>()).collect::<Result<Vec<_>, _>>()?;
+    let granularity: Granularity = a.granularity.parse()?;
+    let trace = TraceSettings {
+        tol: a.tol,
+        tol_floor: a.tol_floor,
+        min_probes: a.min_probes,
+        max_probes: a.max_probes,
+        seed: a.seed,
+        sketch: a.sketch,
+        ..Default::default()
+    };
+    trace.validate()?;
+    if a.batch_size == 0 {
+        anyhow::bail!("--batch-size must be at least 1");
+    }
+    Ok(SensitivitySettings {
+        estimators,
+        curvature,
+        batch_size: a.batch_size,
+        trace,
+        eigen: EigenSettings { seed: a.seed, ..Default::default() },
+        formats,
+        granularity,
+    })
+}
+
+/// Runs `mixq sensitivity`.
+pub fn run(a: SensitivityArgs) -> Result<()> {
+    let settings = settings(&a)?;
+    let (model, data) = super::load(&ModelArgs { model: a.model.clone(), data: a.data.clone() })?;
+    let bar = progress::bar(settings.trace.max_probes, "probes");
+    let start = Instant::now();
+    let report = sensitivity::estimate(model.as_ref(), &data, &settings, &mut |p| {
+        bar.set_position(p.probes);
+        bar.set_message(if p.worst_rel_ci.is_finite() && p.worst_rel_ci > 0.0 {
+            format!("worst layer CI ±{:.1} %, {} converged", 100.0 * p.worst_rel_ci, p.converged)
+        } else {
+            format!("{} converged", p.converged)
+        });
+    })
+    .with_context(|| format!("sensitivity of {} on {}", model.name(), data.name))?;
+    bar.finish_and_clear();
+    let elapsed = start.elapsed().as_secs_f64();
+    if let Some(out) = &a.output {
+        report.save(out)?;
+    }
+    let hvps = report.settings["hvps"].as_u64().unwrap_or(0);
+    eprintln!("{}: {} curvature-vector products in {:.1} s on {} samples", model.name(), hvps, elapsed, data.len());
+    if a.json {
+        print!("{}", report.to_json());
+        return Ok(());
+    }
+    print!("{}", render(&report));
+    if let Some(out) = &a.output {
+        println!("report written to {}", out.display());
+    }
+    Ok(())
+}
+
+/// The per-layer table: the columns of the estimators that ran.
+pub fn render(r: &SensitivityReport) -> String {
+    let has_trace = r.layers.iter().any(|l| l.trace.is_some());
+    let has_fisher = r.layers.iter().any(|l| l.fisher_trace.is_some());
+    let has_eig = r.layers.iter().any(|l| l.top_eigenvalue.is_some());
+    let measured: Vec<String> = r.layers.first().map(|l| l.measured_delta_loss.keys().cloned().collect()).unwrap_or_default();
+    let mut head: Vec<String> = vec!["layer".into(), "params".into()];
+    if has_trace {
+        head.extend(["trace ± 95% CI".into(), "Tr/n".into(), "probes".into(), "converged".into()]);
+    }
+    if has_fisher {
+        head.push("Fisher tr".into());
+    }
+    if has_eig {
+        head.push("top eig".into());
+    }
+    head.extend(measured.iter().map(|f| format!("ΔL {f}")));
+    let right: Vec<bool> = head.iter().map(|h| h != "layer" && h != "converged").collect();
+    let head_ref: Vec<&str> = head.iter().map(String::as_str).collect();
+    let mut t = Table::new(&head_ref, &right);
+    for l in &r.layers {
+        let mut row = vec![l.name.clone(), thousands(l.params)];
+        if has_trace {
+            let ci = l.extra.get("trace_ci95").and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
+            row.push(l.trace.map(|t| format!("{t:.4e} ± {ci:.1e}")).unwrap_or_else(|| "—".into()));
+            row.push(l.trace_per_param().map(|t| format!("{t:.3e}")).unwrap_or_else(|| "—".into()));
+            row.push(l.probes.to_string());
+            row.push(if l.converged { "yes".into() } else { "NO".into() });
+        }
+        if has_fisher {
+            row.push(l.fisher_trace.map(|t| format!("{t:.3e}")).unwrap_or_else(|| "—".into()));
+        }
+        if has_eig {
+            row.push(l.top_eigenvalue.map(|t| format!("{t:.3e}")).unwrap_or_else(|| "—".into()));
+        }
+        for f in &measured {
+            row.push(l.measured_delta_loss.get(f).map(|v| format!("{v:.2e}")).unwrap_or_else(|| "—".into()));
+        }
+        t.row(row);
+    }
+    let mut s = format!(
+        "{} on {} ({} estimators: {}, seed {})\n",
+        r.model,
+        r.data,
+        r.settings["curvature"].as_str().unwrap_or("?"),
+        r.settings["estimators"].as_array().map(|a| a.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(", ")).unwrap_or_default(),
+        r.settings["seed"]
+    );
+    s.push_str(&t.render("  "));
+    let unconverged = r.layers.iter().filter(|l| l.trace.is_some() && !l.converged).count();
+    if unconverged > 0 {
+        s.push_str(&format!(
+            "{unconverged} layer(s) did not reach the tolerance within {} probes: raise --max-probes or --tol\n",
+            r.settings["max_probes"]
+        ));
+    }
+    if r.layers.iter().any(|l| l.trace.is_some_and(|t| t < 0.0)) {
+        s.push_str("negative traces are reported as measured; the cost model clamps them at 0 (or use --curvature ggn)\n");
+    }
+    s
+}

@@ -1,0 +1,225 @@
+//! Building a [`CostTable`] from a model and a sensitivity report.
+
+use super::{spec_label, CostOption, CostTable, LayerCosts};
+use crate::error::{Error, Result};
+use crate::model::QuantModel;
+use crate::quant::{fake_quantize, Format, Granularity, QuantSpec};
+use crate::sensitivity::report::{LayerSensitivity, SensitivityReport};
+use std::collections::HashMap;
+use std::path::Path;
+use std::str::FromStr;
+use tch::Kind;
+
+/// Which predicted loss increase Ω a cost table uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Proxy {
+    /// HAWQ-V2/V3: (Tr(H_i)/n_i)·‖Q_f(W_i) − W_i‖² (needs `trace`).
+    #[default]
+    Hessian,
+    /// The measured loss increase with only this layer quantized (needs `measured_delta_loss` for
+    /// every candidate).
+    Measured,
+    /// (F_i/n_i)·‖Q_f(W_i) − W_i‖² with the empirical Fisher trace F_i (needs `fisher_trace`).
+    Fisher,
+    /// ‖Q_f(W_i) − W_i‖² alone (no sensitivity: every weight counts the same).
+    WeightError,
+}
+
+impl std::fmt::Display for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Proxy::Hessian => "hessian",
+            Proxy::Measured => "measured",
+            Proxy::Fisher => "fisher",
+            Proxy::WeightError => "weight-error",
+        })
+    }
+}
+
+/// Measured latencies: (layer, format label) → microseconds, from a CSV `layer,format,latency_us`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LatencyTable {
+    /// (layer, format label) → µs.
+    pub entries: HashMap<(String, String), f64>,
+}
+
+impl LatencyTable {
+    /// Reads a latency CSV (header `layer,format,latency_us`, in any column order).
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_csv(&text, path)
+    }
+
+    /// Parses a latency CSV; `origin` names the file in errors.
+    pub fn from_csv(text: &str, origin: &Path) -> Result<Self> {
+        let rows = super::io::csv_records(text, origin, &["layer", "format", "latency_us"], &[])?;
+        let mut entries = HashMap::new();
+        for r in rows {
+            let t: f64 = r.num("latency_us")?;
+            if t < 0.0 {
+                return Err(r.err("latency_us", "latency must be ≥ 0"));
+            }
+            let key = (r.get("layer").to_string(), normalize_label(r.get("format")));
+            if entries.insert(key, t).is_some() {
+                return Err(r.err("format", "this layer and format appear twice"));
+            }
+        }
+        Ok(LatencyTable { entries })
+    }
+}
+
+/// A label in canonical form when it parses as a spec (`int4/channel` → `int4`), else as given.
+fn normalize_label(label: &str) -> String {
+    super::parse_spec(label).map(|s| spec_label(&s)).unwrap_or_else(|_| label.to_string())
+}
+
+/// How a cost table is built.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BuildOptions {
+    /// The objective.
+    pub proxy: Proxy,
+    /// Activation bits in BOPs (32 unless activations are quantized).
+    pub activation_bits: u32,
+    /// Measured latencies, if any.
+    pub latency: Option<LatencyTable>,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        BuildOptions { proxy: Proxy::Hessian, activation_bits: 32, latency: None }
+    }
+}
+
+/// The default candidates: int2, int3, int4, int8 (symmetric, per-channel) and fp32.
+pub fn default_candidates() -> Vec<QuantSpec> {
+    let mut v: Vec<QuantSpec> =
+        [2u8, 3, 4, 8].iter().map(|&bits| QuantSpec::new(Format::Int { bits, signed: true }, Granularity::PerChannel)).collect();
+    v.push(QuantSpec::keep());
+    v
+}
+
+/// Parses a comma-separated candidate list such as `int2,int4,int8,fp4-e2m1/group:32,fp32`.
+pub fn parse_candidates(list: &str) -> Result<Vec<QuantSpec>> {
+    let mut out: Vec<QuantSpec> = Vec::new();
+    for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let spec = super::parse_spec(item).map_err(|e| Error::invalid("--formats", list, e.to_string()))?;
+        if !out.contains(&spec) {
+            out.push(spec);
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::invalid("--formats", list, "give at least one format, e.g. int2,int4,int8,fp32"));
+    }
+    Ok(out)
+}
+
+impl CostTable {
+    /// Builds the table for `model`'s layers × `candidates`, with costs from `report` by
+    /// `opts.proxy`. ‖Q_f(W) − W‖² is computed with [`fake_quantize`] on the model's weights, so
+    /// the cost sees exactly the values evaluation will use.
+    ///
+    /// A negative trace (possible for a Hutchinson estimate of a layer with near-zero curvature) is
+    /// clamped at 0 with a warning naming the layer: a negative predicted loss increase would make
+    /// the allocator prefer the coarsest format for the wrong reason. Candidates that do not fit a
+    /// layer (a group size that does not divide its input dimension) are left out for that layer.
+    pub fn build(model: &dyn QuantModel, report: &SensitivityReport, candidates: &[QuantSpec], opts: &BuildOptions) -> Result<CostTable> {
+        if candidates.is_empty() {
+            return Err(Error::invalid("candidates", "", "give at least one candidate format"));
+        }
+        let mut layers = Vec::new();
+        for info in model.layers() {
+            let sens = report.layer(&info.name)?;
+            let factor = sensitivity_factor(sens, opts.proxy)?;
+            let w = model.weight(&info.name)?.detach().to_kind(Kind::Float);
+            let mut options = Vec::new();
+            for spec in candidates {
+                if spec.check_fits(&info.name, &info.shape).is_err() {
+                    continue;
+                }
+                let label = spec_label(spec);
+                let err2 = if spec.format == Format::Fp32 {
+                    0.0
+                } else {
+                    let q = fake_quantize(&w, spec)?;
+                    (q - &w).f_square()?.f_sum(Kind::Double)?.f_double_value(&[])?
+                };
+                let cost = match opts.proxy {
+                    Proxy::Measured => measured(sens, spec, &label)?,
+                    _ => factor * err2,
+                };
+                let bits = spec.storage_bits(&info.shape);
+                let latency_us = opts.latency.as_ref().and_then(|t| t.entries.get(&(info.name.clone(), label.clone())).copied());
+                options.push(CostOption {
+                    format: label,
+                    cost,
+                    bytes: bits.div_ceil(8),
+                    bits,
+                    bops: info.macs as f64 * f64::from(spec.format.bits()) * f64::from(opts.activation_bits),
+                    latency_us,
+                });
+            }
+            if options.is_empty() {
+                return Err(Error::invalid(
+                    format!("candidates for layer `{}`", info.name),
+                    candidates.iter().map(spec_label).collect::<Vec<_>>().join(","),
+                    format!("no candidate fits the layer's shape {:?}", info.shape),
+                ));
+            }
+            let trace_per_param = matches!(opts.proxy, Proxy::Hessian).then_some(factor);
+            layers.push(LayerCosts { name: info.name.clone(), params: info.params, trace_per_param, options });
+        }
+        let table = CostTable { layers };
+        table.validate()?;
+        Ok(table)
+    }
+}
+
+/// The per-weight sensitivity multiplying ‖ΔW‖² (1 for `WeightError`, unused for `Measured`).
+fn sensitivity_factor(sens: &LayerSensitivity, proxy: Proxy) -> Result<f64> {
+    let n = sens.params.max(1) as f64;
+    let (value, field) = match proxy {
+        Proxy::Hessian => (sens.trace, "trace"),
+        Proxy::Fisher => (sens.fisher_trace, "fisher_trace"),
+        Proxy::WeightError | Proxy::Measured => return Ok(1.0),
+    };
+    let v = value.ok_or_else(|| {
+        Error::invalid(
+            format!("sensitivity of layer `{}`", sens.name),
+            field,
+            format!("the report has no `{field}` for this layer; run the estimator that fills it, or choose another --proxy"),
+        )
+    })?;
+    if !v.is_finite() {
+        return Err(Error::invalid(format!("sensitivity of layer `{}`", sens.name), v.to_string(), format!("`{field}` is not finite")));
+    }
+    if v < 0.0 {
+        tracing::warn!(layer = %sens.name, "{field} {v:.3e} is negative (estimate noise on a flat layer); clamped to 0");
+        return Ok(0.0);
+    }
+    Ok(v / n)
+}
+
+fn measured(sens: &LayerSensitivity, spec: &QuantSpec, label: &str) -> Result<f64> {
+    let keys = [label.to_string(), spec.to_string(), spec.format.to_string()];
+    if spec.format == Format::Fp32 {
+        return Ok(keys.iter().find_map(|k| sens.measured_delta_loss.get(k).copied()).unwrap_or(0.0));
+    }
+    keys.iter().find_map(|k| sens.measured_delta_loss.get(k).copied()).ok_or_else(|| {
+        Error::invalid(
+            format!("measured_delta_loss of layer `{}`", sens.name),
+            label,
+            format!(
+                "the report has no measured loss increase for this format (it has: {}); measure it or choose another --proxy",
+                sens.measured_delta_loss.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        )
+    })
+}
+
+impl FromStr for Proxy {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        <Proxy as clap::ValueEnum>::from_str(s, true)
+            .map_err(|_| Error::invalid("proxy", s, "valid: hessian, measured, fisher, weight-error"))
+    }
+}

@@ -1,0 +1,187 @@
+//! Cost-model tests: Ω from a model and a hand-made sensitivity report, negative traces clamped,
+//! CSV/JSON round trips, malformed tables rejected with file, line and field.
+
+use mixq::cost::{parse_candidates, parse_spec, spec_label, BuildOptions, CostTable, LatencyTable, Proxy};
+use mixq::model::{LayerInfo, LayerKind, QuantModel};
+use mixq::quant::{fake_quantize, QuantSpec};
+use mixq::sensitivity::report::{LayerSensitivity, SensitivityReport};
+use std::path::Path;
+use tch::{Kind, Tensor};
+
+/// Relative tolerance of Ω against a direct computation (same ops, f64 sums).
+const OMEGA_RTOL: f64 = 1e-9;
+
+struct Tiny {
+    layers: Vec<LayerInfo>,
+    params: Vec<(String, Tensor)>,
+}
+
+impl Tiny {
+    fn new() -> Self {
+        tch::manual_seed(0);
+        let shapes = [("a", vec![8i64, 16]), ("b", vec![4i64, 8])];
+        let mut layers = Vec::new();
+        let mut params = Vec::new();
+        for (n, s) in shapes {
+            let numel: i64 = s.iter().product();
+            layers.push(LayerInfo { name: n.into(), kind: LayerKind::Linear, shape: s.clone(), params: numel, macs: numel });
+            params.push((format!("{n}.weight"), Tensor::randn(s.as_slice(), (Kind::Float, tch::Device::Cpu))));
+        }
+        Tiny { layers, params }
+    }
+}
+
+impl QuantModel for Tiny {
+    fn name(&self) -> &str {
+        "tiny"
+    }
+    fn layers(&self) -> &[LayerInfo] {
+        &self.layers
+    }
+    fn input_shape(&self) -> &[i64] {
+        &[16]
+    }
+    fn num_classes(&self) -> i64 {
+        4
+    }
+    fn named_parameters(&self) -> Vec<(String, Tensor)> {
+        self.params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect()
+    }
+    fn forward(&self, x: &Tensor) -> mixq::Result<Tensor> {
+        Ok(x.matmul(&self.params[0].1.tr()).relu().matmul(&self.params[1].1.tr()))
+    }
+}
+
+fn report(traces: [f64; 2]) -> SensitivityReport {
+    let layer = |name: &str, params: i64, trace: f64| LayerSensitivity {
+        name: name.into(),
+        params,
+        trace: Some(trace),
+        trace_std_err: Some(0.1),
+        probes: 10,
+        converged: true,
+        top_eigenvalue: None,
+        fisher_trace: Some(2.0 * trace.abs()),
+        measured_delta_loss: [("int2".to_string(), 0.5), ("int4".to_string(), 0.1), ("int8".to_string(), 0.01)].into_iter().collect(),
+        extra: Default::default(),
+    };
+    SensitivityReport {
+        format: "mixq.sensitivity-report".into(),
+        version: 1,
+        model: "tiny".into(),
+        model_sha256: String::new(),
+        data: "none".into(),
+        data_sha256: String::new(),
+        settings: serde_json::json!({}),
+        layers: vec![layer("a", 128, traces[0]), layer("b", 32, traces[1])],
+    }
+}
+
+#[test]
+fn hessian_cost_is_trace_per_param_times_weight_error() {
+    let m = Tiny::new();
+    let cands = parse_candidates("int2,int4,int8,fp32").unwrap();
+    let t = CostTable::build(&m, &report([12.8, 3.2]), &cands, &BuildOptions::default()).unwrap();
+    assert_eq!(t.layers.len(), 2);
+    for (l, tr) in t.layers.iter().zip([12.8, 3.2]) {
+        let w = m.weight(&l.name).unwrap();
+        for o in &l.options {
+            let spec = parse_spec(&o.format).unwrap();
+            let e2 = (fake_quantize(&w, &spec).unwrap() - &w).square().sum(Kind::Double).double_value(&[]);
+            let want = tr / l.params as f64 * e2;
+            assert!((o.cost - want).abs() <= OMEGA_RTOL * want.abs().max(1e-30), "{} {}: {} vs {want}", l.name, o.format, o.cost);
+            assert_eq!(o.bits, spec.storage_bits(&m.layers[0..2].iter().find(|x| x.name == l.name).unwrap().shape));
+            assert_eq!(o.bytes, o.bits.div_ceil(8));
+        }
+        // Fewer bits never cost less here (min–max int grids nest poorly, but 2 < 4 < 8 holds on Gaussians).
+        let c: Vec<f64> = l.options.iter().map(|o| o.cost).collect();
+        assert!(c[0] > c[1] && c[1] > c[2] && c[3] == 0.0, "{c:?}");
+        assert_eq!(l.options[0].bops, l.params as f64 * 2.0 * 32.0);
+    }
+}
+
+#[test]
+fn negative_trace_is_clamped_to_zero() {
+    let m = Tiny::new();
+    let t = CostTable::build(&m, &report([-1.0, 3.2]), &parse_candidates("int2,int8").unwrap(), &BuildOptions::default()).unwrap();
+    assert!(t.layers[0].options.iter().all(|o| o.cost == 0.0));
+    assert!(t.layers[1].options.iter().all(|o| o.cost > 0.0));
+}
+
+#[test]
+fn other_proxies() {
+    let m = Tiny::new();
+    let c = parse_candidates("int2,int4,int8,fp32").unwrap();
+    let r = report([12.8, 3.2]);
+    let measured = CostTable::build(&m, &r, &c, &BuildOptions { proxy: Proxy::Measured, ..Default::default() }).unwrap();
+    assert_eq!(measured.layers[0].options.iter().map(|o| o.cost).collect::<Vec<_>>(), vec![0.5, 0.1, 0.01, 0.0]);
+    let h = CostTable::build(&m, &r, &c, &BuildOptions::default()).unwrap();
+    let f = CostTable::build(&m, &r, &c, &BuildOptions { proxy: Proxy::Fisher, ..Default::default() }).unwrap();
+    let e = CostTable::build(&m, &r, &c, &BuildOptions { proxy: Proxy::WeightError, activation_bits: 8, ..Default::default() }).unwrap();
+    for ((lh, lf), le) in h.layers.iter().zip(&f.layers).zip(&e.layers) {
+        for ((oh, of), oe) in lh.options.iter().zip(&lf.options).zip(&le.options) {
+            assert!((of.cost - 2.0 * oh.cost).abs() <= OMEGA_RTOL * of.cost.abs().max(1e-30));
+            assert!((oe.cost * lh.trace_per_param.unwrap() - oh.cost).abs() <= OMEGA_RTOL * oh.cost.abs().max(1e-30));
+            assert_eq!(oe.bops * 4.0, oh.bops);
+        }
+    }
+    // Missing measured formats are an error naming the layer and format.
+    let e = CostTable::build(&m, &r, &parse_candidates("int3").unwrap(), &BuildOptions { proxy: Proxy::Measured, ..Default::default() })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`a`") && e.contains("int3"), "{e}");
+}
+
+#[test]
+fn csv_and_json_round_trip() {
+    let m = Tiny::new();
+    let lat = LatencyTable::from_csv("layer,format,latency_us\na,int4,1.5\nb,int4/channel,0.25\n", Path::new("lat.csv")).unwrap();
+    let opts = BuildOptions { latency: Some(lat), ..Default::default() };
+    let t = CostTable::build(&m, &report([12.8, 3.2]), &parse_candidates("int2,int4,int4/group:8,fp32").unwrap(), &opts).unwrap();
+    assert_eq!(t.layers[1].option("int4").unwrap().latency_us, Some(0.25));
+    assert_eq!(t.layers[0].option("int2").unwrap().latency_us, None);
+    let back = CostTable::from_csv(&t.to_csv(), Path::new("t.csv")).unwrap();
+    // CSV carries no Tr/n column.
+    let mut t2 = t.clone();
+    t2.layers.iter_mut().for_each(|l| l.trace_per_param = None);
+    assert_eq!(back, t2);
+    assert_eq!(CostTable::from_json(&t.to_json(), Path::new("t.json")).unwrap(), t);
+    let dir = std::env::temp_dir().join(format!("mixq-cost-{}", std::process::id()));
+    for name in ["t.csv", "t.json"] {
+        let p = dir.join(name);
+        t.save(&p).unwrap();
+        assert_eq!(CostTable::load(&p).unwrap().layers.len(), 2);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn malformed_csv_names_file_line_and_field() {
+    let cases = [
+        ("layer,format,cost,bytes\nfc,int4,abc,10\n", "line 2, field `cost`"),
+        ("layer,format,cost,bytes\nfc,int4,1.0,-3\n", "line 2, field `bytes`"),
+        ("layer,format,cost\nfc,int4,1.0\n", "missing column `bytes`"),
+        ("layer,format,cost,bytes,colour\n", "unknown column `colour`"),
+        ("layer,format,cost,bytes\n\nfc,int4,1.0,10\nfc,int4,2.0,10\n", "line 4, field `format`"),
+        ("layer,format,cost,bytes\nfc,int4,1.0\n", "line 2: 3 fields"),
+        ("layer,format,cost,bytes\nfc,int4,NaN,10\n", "line 2, field `cost`"),
+        ("layer,format,cost,bytes,latency_us\nfc,int4,1,10,-1\n", "line 2, field `latency_us`"),
+        ("", "empty file"),
+    ];
+    for (text, want) in cases {
+        let e = CostTable::from_csv(text, Path::new("costs.csv")).unwrap_err().to_string();
+        assert!(e.starts_with("costs.csv") && e.contains(want), "{text:?}: got `{e}`, want `{want}`");
+    }
+    let e = CostTable::from_json("{\"format\": \"mixq.cost-table\", \"version\": 2, \"layers\": []}", Path::new("c.json")).unwrap_err();
+    assert!(e.to_string().contains("version 2"), "{e}");
+}
+
+#[test]
+fn spec_labels_round_trip() {
+    for s in ["int4", "int3-asym", "fp32", "int4/group:32", "fp4-e2m1/group:16", "int8/tensor/mse", "fp8-e4m3"] {
+        assert_eq!(spec_label(&parse_spec(s).unwrap()), s);
+    }
+    assert_eq!(spec_label(&QuantSpec::keep()), "fp32");
+    assert!(parse_spec("int4/blah").is_err());
+    assert!(parse_candidates(" , ").is_err());
+}
