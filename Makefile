@@ -14,6 +14,7 @@ build: setup
 
 demo: build
 	target/debug/mixq demo
+	target/debug/mixq search --budget avg-bits=3.5 -o target/mixq-demo-config.json
 
 test: setup
 	$(CARGO) fmt --all --check

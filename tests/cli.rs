@@ -124,11 +124,17 @@ fn formats_lists_every_format() {
     }
 }
 
+/// The zoo-model tests share one MIXQ_HOME (so the digits CNN is trained once) and take turns.
+fn zoo_home() -> (std::sync::MutexGuard<'static, ()>, PathBuf) {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    (LOCK.lock().unwrap_or_else(|e| e.into_inner()), tmp("zoo-home"))
+}
+
 /// The demo end to end: trains the zoo model into a fresh MIXQ_HOME, prints layers and a
 /// baseline row for every format, FP32 at the bottom with full agreement.
 #[test]
 fn demo_prints_layers_and_uniform_baselines() {
-    let d = tmp("demo");
+    let (_guard, d) = zoo_home();
     let o = mixq(&["demo"], &d);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
@@ -139,4 +145,37 @@ fn demo_prints_layers_and_uniform_baselines() {
     let fp32 = out.lines().find(|l| l.trim_start().starts_with("fp32 ")).unwrap();
     assert!(fp32.contains("100.00 %"), "{fp32}");
     assert!(d.join("zoo").read_dir().unwrap().next().is_some(), "weights cached under MIXQ_HOME/zoo");
+}
+
+/// The whole pipeline: the config respects the budget, validates, and the mixed model is
+/// evaluated beside the uniform candidates.
+#[test]
+fn search_writes_a_config_within_budget() {
+    let (_guard, d) = zoo_home();
+    let cfg = d.join("search/config.json");
+    let sens = d.join("search/sens.json");
+    let o = mixq(
+        &["search", "--budget", "avg-bits=4.5", "--max-probes", "12", "-o", cfg.to_str().unwrap(), "--sens-output", sens.to_str().unwrap()],
+        &d,
+    );
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("mixed (this search)") && out.contains("uniform int4") && out.contains("gap"), "{out}");
+    let config = mixq::config::QuantConfig::load(&cfg).unwrap();
+    let report = mixq::sensitivity::SensitivityReport::load(&sens).unwrap();
+    assert_eq!(config.layers.len(), report.layers.len(), "every layer is listed in the config");
+    // The budget counts scales: recompute the average bits from the config itself.
+    let (mut bits, mut params) = (0u64, 0i64);
+    for l in &report.layers {
+        let shape = &mixq::model::zoo::load("digits-resnet", Some(&d.join("zoo"))).unwrap().layer(&l.name).unwrap().shape.clone();
+        bits += config.layers[&l.name].spec().storage_bits(shape);
+        params += l.params;
+    }
+    assert!(bits as f64 / params as f64 <= 4.5 + 1e-9, "avg bits {} over budget", bits as f64 / params as f64);
+    // An impossible budget fails with the smallest achievable value and writes nothing.
+    let cfg2 = d.join("search/none.json");
+    let o = mixq(&["search", "--budget", "avg-bits=1", "--max-probes", "4", "-o", cfg2.to_str().unwrap()], &d);
+    let (_, err) = text(&o);
+    assert!(!o.status.success() && err.contains("smallest achievable"), "{err}");
+    assert!(!cfg2.exists());
 }

@@ -4,6 +4,7 @@
 pub mod allocate;
 pub mod pareto;
 pub mod progress;
+pub mod search;
 pub mod sensitivity;
 pub mod table;
 
@@ -47,6 +48,9 @@ pub enum Command {
     Allocate(allocate::AllocateArgs),
     /// Sweep a budget and write the predicted Pareto front (CSV, SVG).
     Pareto(pareto::ParetoArgs),
+    /// The whole pipeline: sensitivity → allocation under budgets → config → evaluation of the
+    /// mixed model beside uniform baselines.
+    Search(search::SearchArgs),
 }
 
 /// Which model and data.
@@ -106,6 +110,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Sensitivity(a) => sensitivity::run(a),
         Command::Allocate(a) => allocate::run(a),
         Command::Pareto(a) => pareto::run(a),
+        Command::Search(a) => search::run(a),
     }
 }
 
@@ -167,7 +172,7 @@ fn report_json(
     })
 }
 
-fn metrics_row(label: String, r: &EvalReport, size: &SizeReport) -> Vec<String> {
+pub(crate) fn metrics_row(label: String, r: &EvalReport, size: &SizeReport) -> Vec<String> {
     vec![
         label,
         format!("{:.2}", size.avg_bits),
@@ -179,7 +184,7 @@ fn metrics_row(label: String, r: &EvalReport, size: &SizeReport) -> Vec<String> 
     ]
 }
 
-fn metrics_table() -> Table {
+pub(crate) fn metrics_table() -> Table {
     Table::new(&["weights", "bits/w", "size", "accuracy", "loss", "KL(FP32‖Q)", "agreement"], &[false, true, true, true, true, true, true])
 }
 
