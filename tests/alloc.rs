@@ -3,24 +3,10 @@
 
 use mixq::alloc::{solve, solve_problem, Budget, Constraints, ExactMckp, Greedy, Highs, Pin, Problem, Resource, SolverKind, Tie};
 use mixq::cost::{CostOption, CostTable, LayerCosts};
+use mixq::util::SplitMix64 as Rng;
 
 /// Relative tolerance when comparing objectives of different solvers.
 const OBJ_TOL: f64 = 1e-7;
-
-/// A small deterministic generator (SplitMix64), so the tests need no extra crate.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn unif(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
 
 const FORMATS: [(&str, u64); 5] = [("int2", 2), ("int3", 3), ("int4", 4), ("int8", 8), ("fp32", 32)];
 
@@ -30,13 +16,13 @@ fn random_table(seed: u64, n: usize, k: usize) -> CostTable {
     let mut r = Rng(seed);
     let layers = (0..n)
         .map(|i| {
-            let params = 100 + (r.next() % 5000) as i64;
-            let sens = r.unif() * 10.0;
-            let macs = params as f64 * (1.0 + (r.next() % 50) as f64);
+            let params = 100 + (r.next_u64() % 5000) as i64;
+            let sens = r.next_f64() * 10.0;
+            let macs = params as f64 * (1.0 + (r.next_u64() % 50) as f64);
             let options = FORMATS[..k]
                 .iter()
                 .map(|&(f, b)| {
-                    let cost = if b == 32 { 0.0 } else { sens * 4f64.powi(-(b as i32)) * (0.5 + r.unif()) };
+                    let cost = if b == 32 { 0.0 } else { sens * 4f64.powi(-(b as i32)) * (0.5 + r.next_f64()) };
                     let bits = params as u64 * b + if b == 32 { 0 } else { 16 * 8 };
                     CostOption {
                         format: f.into(),
@@ -44,7 +30,7 @@ fn random_table(seed: u64, n: usize, k: usize) -> CostTable {
                         bytes: bits.div_ceil(8),
                         bits,
                         bops: macs * b as f64 * 32.0,
-                        latency_us: Some(1.0 + r.unif() * b as f64),
+                        latency_us: Some(1.0 + r.next_f64() * b as f64),
                     }
                 })
                 .collect();

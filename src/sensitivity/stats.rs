@@ -6,20 +6,9 @@
 
 use tch::{Kind, Tensor};
 
-/// SplitMix64 (Steele, Lea, Flood 2014): tiny, fast, and good enough for ±1 probes.
-#[derive(Debug, Clone)]
-pub struct SplitMix64(pub u64);
+pub use crate::util::SplitMix64;
 
 impl SplitMix64 {
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
     /// The generator of probe `index` of `seed` (independent streams per index).
     pub fn for_probe(seed: u64, stream: u64, index: u64) -> SplitMix64 {
         let mut a = SplitMix64(seed ^ stream.rotate_left(32));

@@ -23,6 +23,7 @@ use crate::error::{Error, Result};
 use crate::model::data::{Dataset, DIGITS_SAFETENSORS};
 use crate::model::{LayerInfo, LayerKind, QuantModel};
 use crate::quant::Format;
+use crate::util::SplitMix64;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -220,31 +221,6 @@ impl Net {
         let params: i64 = shape.iter().product();
         infos.push(LayerInfo { name: "fc".into(), kind: LayerKind::Linear, shape, params, macs: params });
         infos
-    }
-}
-
-/// SplitMix64: a tiny, well-mixed PRNG whose stream is fixed forever (unlike libtorch's).
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            v.swap(i, self.below(i + 1));
-        }
     }
 }
 
