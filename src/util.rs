@@ -28,6 +28,27 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Parses `text` as a JSON object and checks its `"format"` and `"version"` header. Every
+/// versioned file mixq reads (configs, sensitivity reports, cost tables) goes through here, so a
+/// foreign file or an unknown version is rejected the same way everywhere. `what` names the kind
+/// of file in messages (e.g. `mixq quant config`).
+pub fn parse_versioned_json(text: &str, origin: &Path, format: &str, version: u64, what: &str) -> Result<serde_json::Value> {
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| Error::parse(origin, format!("not valid JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(Error::parse(origin, format!("a {what} must be a JSON object")));
+    }
+    match value.get("format").and_then(|f| f.as_str()) {
+        Some(f) if f == format => {}
+        Some(other) => return Err(Error::parse(origin, format!("field `format` is `{other}`, expected `{format}`: this is not a {what}"))),
+        None => return Err(Error::parse(origin, format!("missing field `format` (expected `\"format\": \"{format}\"`)"))),
+    }
+    match value.get("version").and_then(|v| v.as_u64()) {
+        Some(v) if v == version => Ok(value),
+        Some(got) => Err(Error::Version { path: origin.into(), what: format.into(), got, expected: version }),
+        None => Err(Error::parse(origin, format!("missing or non-integer field `version` (expected {version})"))),
+    }
+}
+
 /// Levenshtein edit distance between two strings (by chars).
 pub fn edit_distance(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();

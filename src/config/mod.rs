@@ -149,23 +149,7 @@ impl QuantConfig {
 
     /// Parses a config from JSON text; `origin` names the file in errors.
     pub fn from_json(text: &str, origin: &Path) -> Result<Self> {
-        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| Error::parse(origin, format!("not valid JSON: {e}")))?;
-        let obj = value.as_object().ok_or_else(|| Error::parse(origin, "a quant config must be a JSON object"))?;
-        match obj.get("format").and_then(|f| f.as_str()) {
-            Some(CONFIG_FORMAT) => {}
-            Some(other) => {
-                return Err(Error::parse(
-                    origin,
-                    format!("field `format` is `{other}`, expected `{CONFIG_FORMAT}`: this is not a mixq quant config"),
-                ))
-            }
-            None => return Err(Error::parse(origin, format!("missing field `format` (expected `\"format\": \"{CONFIG_FORMAT}\"`)"))),
-        }
-        match obj.get("version").and_then(|v| v.as_u64()) {
-            Some(CONFIG_VERSION) => {}
-            Some(got) => return Err(Error::Version { path: origin.into(), what: CONFIG_FORMAT.into(), got, expected: CONFIG_VERSION }),
-            None => return Err(Error::parse(origin, format!("missing or non-integer field `version` (expected {CONFIG_VERSION})"))),
-        }
+        let value = crate::util::parse_versioned_json(text, origin, CONFIG_FORMAT, CONFIG_VERSION, "mixq quant config")?;
         serde_json::from_value(value).map_err(|e| Error::parse(origin, e.to_string()))
     }
 

@@ -196,18 +196,7 @@ impl CostTable {
 
     /// Parses a JSON table; `origin` names the file in errors.
     pub fn from_json(text: &str, origin: &Path) -> Result<CostTable> {
-        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| Error::parse(origin, format!("not valid JSON: {e}")))?;
-        match value.get("format").and_then(|f| f.as_str()) {
-            Some(COST_TABLE_FORMAT) => {}
-            other => return Err(Error::parse(origin, format!("field `format` is {other:?}, expected `{COST_TABLE_FORMAT}`"))),
-        }
-        match value.get("version").and_then(|v| v.as_u64()) {
-            Some(COST_TABLE_VERSION) => {}
-            Some(got) => {
-                return Err(Error::Version { path: origin.into(), what: COST_TABLE_FORMAT.into(), got, expected: COST_TABLE_VERSION })
-            }
-            None => return Err(Error::parse(origin, "missing or non-integer field `version`")),
-        }
+        let value = crate::util::parse_versioned_json(text, origin, COST_TABLE_FORMAT, COST_TABLE_VERSION, "mixq cost table")?;
         let t: JsonTable = serde_json::from_value(value).map_err(|e| Error::parse(origin, e.to_string()))?;
         let table = CostTable { layers: t.layers };
         table.validate().map_err(|e| Error::parse(origin, e.to_string()))?;

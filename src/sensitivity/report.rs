@@ -91,21 +91,7 @@ pub struct SensitivityReport {
 impl SensitivityReport {
     /// Parses a report; `origin` names the file in errors.
     pub fn from_json(text: &str, origin: &Path) -> Result<Self> {
-        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| Error::parse(origin, format!("not valid JSON: {e}")))?;
-        match value.get("format").and_then(|f| f.as_str()) {
-            Some(REPORT_FORMAT) => {}
-            other => {
-                return Err(Error::parse(
-                    origin,
-                    format!("field `format` is {other:?}, expected `{REPORT_FORMAT}`: not a mixq sensitivity report"),
-                ))
-            }
-        }
-        match value.get("version").and_then(|v| v.as_u64()) {
-            Some(REPORT_VERSION) => {}
-            Some(got) => return Err(Error::Version { path: origin.into(), what: REPORT_FORMAT.into(), got, expected: REPORT_VERSION }),
-            None => return Err(Error::parse(origin, "missing or non-integer field `version`")),
-        }
+        let value = crate::util::parse_versioned_json(text, origin, REPORT_FORMAT, REPORT_VERSION, "mixq sensitivity report")?;
         serde_json::from_value(value).map_err(|e| Error::parse(origin, e.to_string()))
     }
 
