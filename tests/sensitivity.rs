@@ -35,7 +35,9 @@ struct Mlp {
 
 impl Mlp {
     fn new(seed: i64) -> Self {
-        tch::manual_seed(seed);
+        // mixq's own generator, not libtorch's global one: tests run in parallel threads, and a
+        // shared generator would give each run different weights.
+        let rng = std::cell::RefCell::new(mixq::util::SplitMix64(seed as u64));
         let mk = |name: &str, shape: Vec<i64>| LayerInfo {
             name: name.into(),
             kind: LayerKind::Linear,
@@ -44,7 +46,18 @@ impl Mlp {
             shape,
         };
         let layers = vec![mk("fc1", vec![16, 64]), mk("fc2", vec![10, 16])];
-        let p = |shape: &[i64], scale: f64| (Tensor::randn(shape, (Kind::Float, tch::Device::Cpu)) * scale).set_requires_grad(true);
+        let p = |shape: &[i64], scale: f64| {
+            let n: i64 = shape.iter().product();
+            let mut r = rng.borrow_mut();
+            // Box–Muller normals.
+            let v: Vec<f32> = (0..n)
+                .map(|_| {
+                    let (u1, u2) = (r.next_f64().max(1e-300), r.next_f64());
+                    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * scale) as f32
+                })
+                .collect();
+            Tensor::from_slice(&v).reshape(shape).set_requires_grad(true)
+        };
         let params = vec![
             ("fc1.weight".to_string(), p(&[16, 64], 0.3)),
             ("fc1.bias".to_string(), p(&[16], 0.1)),
