@@ -231,3 +231,144 @@ fn exact_solves_large_instance_to_optimality() {
     assert!(exact.objective <= highs.objective * (1.0 + 1e-6), "exact {} highs {}", exact.objective, highs.objective);
     assert!(exact.objective >= highs.bound * (1.0 - 1e-6), "exact {} below the HiGHS bound {}", exact.objective, highs.bound);
 }
+
+#[test]
+fn exact_matches_highs_on_synthetic_instances() {
+    // The benchmark's generator at a test size, several budgets of either kind: the exact solver
+    // proves optimality and lands on HiGHS's optimum (within HiGHS's own 1e-9 gap).
+    for (seed, budget) in [(1, "size=30%"), (2, "size=5%"), (3, "size=72%"), (4, "avg-bits=4.25"), (5, "avg-bits=3.1"), (6, "size=99%")] {
+        let t = mixq::cost::synthetic(seed, 300, 8);
+        let c = Constraints { budgets: budgets(&[budget]), ..Default::default() };
+        let p = Problem::new(&t, &c).unwrap();
+        let exact = solve_problem(&t, &p, &ExactMckp::default()).unwrap();
+        let highs = solve_problem(&t, &p, &Highs { rel_gap: 1e-9, ..Default::default() }).unwrap();
+        assert_eq!(exact.gap, 0.0, "seed {seed} {budget}: {:?}", exact.note);
+        assert!(
+            exact.objective <= highs.objective * (1.0 + 1e-9),
+            "seed {seed} {budget}: exact {} highs {}",
+            exact.objective,
+            highs.objective
+        );
+        assert!(
+            exact.objective >= highs.bound * (1.0 - 1e-7),
+            "seed {seed} {budget}: exact {} below the HiGHS bound {}",
+            exact.objective,
+            highs.bound
+        );
+        assert!(exact.budgets[0].used <= exact.budgets[0].limit);
+    }
+}
+
+#[test]
+fn exact_matches_brute_force_with_ties_in_costs_and_weights() {
+    // Degenerate instances: integer costs and a few distinct weights, so many options and states
+    // tie in cost, in weight or in both (dominance and fathoming must not drop the optimum).
+    for seed in 200..260u64 {
+        let mut r = Rng(seed);
+        let n = 6 + (seed % 3) as usize;
+        let layers = (0..n)
+            .map(|i| {
+                let options = (0..4)
+                    .map(|b| {
+                        let bytes = 10 * (1 + b as u64) + 10 * (r.next_u64() % 2);
+                        CostOption {
+                            format: FORMATS[b].0.into(),
+                            cost: (r.next_u64() % 4) as f64,
+                            bytes,
+                            bits: bytes * 8,
+                            bops: 1.0,
+                            latency_us: None,
+                        }
+                    })
+                    .collect();
+                LayerCosts { name: format!("l{i}"), params: 100, trace_per_param: None, options }
+            })
+            .collect();
+        let t = CostTable { layers };
+        let frac = (seed * 13) % 101;
+        let c = Constraints { budgets: budgets(&[&format!("size={frac}%")]), ..Default::default() };
+        let p = Problem::new(&t, &c).unwrap();
+        let want = brute(&p).expect("relative budgets are feasible");
+        let exact = solve_problem(&t, &p, &ExactMckp::default()).unwrap();
+        assert!(close(exact.objective, want), "seed {seed}: exact {} vs brute force {want}", exact.objective);
+        assert_eq!(exact.gap, 0.0, "seed {seed}");
+    }
+}
+
+#[test]
+fn exact_state_limit_certifies_an_honest_gap() {
+    // With room for a single state the dynamic program stops at once; the bound it reports must
+    // still lie below the true optimum, and the note must say why the gap may be positive.
+    let t = mixq::cost::synthetic(9, 400, 8);
+    let c = Constraints { budgets: budgets(&["size=30%"]), ..Default::default() };
+    let p = Problem::new(&t, &c).unwrap();
+    let opt = solve_problem(&t, &p, &ExactMckp::default()).unwrap();
+    assert_eq!(opt.gap, 0.0);
+    let cut = solve_problem(&t, &p, &ExactMckp { state_limit: 1 }).unwrap();
+    assert!(cut.objective >= opt.objective * (1.0 - 1e-12));
+    assert!(cut.bound <= opt.objective * (1.0 + 1e-12), "bound {} above the optimum {}", cut.bound, opt.objective);
+    if cut.gap > 0.0 {
+        assert!(cut.note.as_deref().is_some_and(|n| n.contains("state limit")), "{:?}", cut.note);
+    }
+}
+
+#[test]
+fn highs_reduction_agrees_with_the_whole_program_on_three_budgets() {
+    // Reduced-cost fixing against the LP prices must not cut off the optimum: the reduced solve
+    // and HiGHS on the whole program agree, each within the other's certified bound.
+    for seed in 300..306u64 {
+        let t = mixq::cost::synthetic(seed, 120, 8);
+        let bs = [format!("size={}%", 20 + seed % 50), format!("bops={}%", 25 + (seed * 7) % 50), "latency=45%".to_string()];
+        let c = Constraints { budgets: budgets(&bs.iter().map(|s| s.as_str()).collect::<Vec<_>>()), ..Default::default() };
+        let p = Problem::new(&t, &c).unwrap();
+        let reduced = solve_problem(&t, &p, &Highs::default()).unwrap();
+        let whole = solve_problem(&t, &p, &Highs { reduce: false, ..Default::default() }).unwrap();
+        assert!(
+            reduced.objective >= whole.bound * (1.0 - 1e-7),
+            "seed {seed}: reduced {} below the whole bound {}",
+            reduced.objective,
+            whole.bound
+        );
+        assert!(
+            whole.objective >= reduced.bound * (1.0 - 1e-7),
+            "seed {seed}: whole {} below the reduced bound {}",
+            whole.objective,
+            reduced.bound
+        );
+        assert!(reduced.gap <= 1e-8, "seed {seed}: gap {}", reduced.gap);
+        let loose = solve_problem(&t, &p, &Highs { rel_gap: 1e-4, ..Default::default() }).unwrap();
+        assert!(loose.gap <= 1e-4 && loose.objective >= whole.bound * (1.0 - 1e-7), "seed {seed}: {loose:?}");
+        for a in [&reduced, &loose] {
+            for b in &a.budgets {
+                assert!(b.used <= b.limit * (1.0 + 1e-9), "seed {seed}: {} exceeded", b.budget);
+            }
+        }
+    }
+}
+
+#[test]
+fn highs_whole_program_matches_brute_force() {
+    // The default HiGHS solve settles one-budget and many multi-budget instances with the exact
+    // MCKP solver before HiGHS runs; this keeps HiGHS itself cross-checked.
+    for seed in 400..430u64 {
+        let t = random_table(seed, 6, 4);
+        let bs = if seed % 2 == 0 {
+            vec![format!("size={}%", 5 + (seed * 7) % 90)]
+        } else {
+            vec![format!("size={}%", 20 + seed % 60), format!("bops={}%", 30 + seed % 50), "latency=60%".to_string()]
+        };
+        let c = Constraints { budgets: budgets(&bs.iter().map(|s| s.as_str()).collect::<Vec<_>>()), ..Default::default() };
+        let p = Problem::new(&t, &c).unwrap();
+        let whole = solve_problem(&t, &p, &Highs { reduce: false, ..Default::default() });
+        let reduced = solve_problem(&t, &p, &Highs::default());
+        match (brute(&p), whole, reduced) {
+            (Some(want), Ok(a), Ok(b)) => {
+                assert!(close(a.objective, want), "seed {seed}: whole {} vs {want}", a.objective);
+                assert!(close(b.objective, want), "seed {seed}: reduced {} vs {want}", b.objective);
+                assert!(b.bound <= want * (1.0 + OBJ_TOL) + 1e-12, "seed {seed}: bound {} above the optimum {want}", b.bound);
+            }
+            (None, Err(_), Err(_)) => {}
+            (want, a, b) => panic!("seed {seed}: brute force {want:?}, whole {a:?}, reduced {b:?}"),
+        }
+    }
+}

@@ -1,30 +1,37 @@
-//! The multiple-choice knapsack solvers for one budget: an exact branch-and-bound and the greedy
-//! baseline, both built on the LP relaxation over each group's lower convex hull.
+//! The multiple-choice knapsack solvers for one budget: an exact solver and the greedy baseline,
+//! both built on the LP relaxation over each group's lower convex hull.
 //!
 //! The LP relaxation of a multiple-choice knapsack is solved greedily (Sinha–Zoltners): start every
 //! group at its lightest option, and take hull increments in order of cost saved per unit of
 //! resource until the budget is spent; the last increment taken fractionally gives the LP bound and
-//! its slope the dual price λ. The exact solver then (1) rounds the LP down and fills the leftover
-//! budget greedily for an incumbent z, (2) removes every option whose reduced cost
-//! c + λw − min(c + λw) exceeds z − L(λ) — no solution using it can beat z — which leaves a small
-//! core of groups with more than one option, and (3) branches over the core depth-first, pruning
-//! each node with the LP bound of the groups still open. The result is optimal (gap 0) unless the
-//! node limit is hit, in which case the root LP bound certifies the gap that is reported.
+//! its slope the dual price λ. The exact solver then follows Pisinger's minimal core algorithm
+//! (EJOR 83, 1995), a dynamic program over a small core: (1) the LP rounded down is the base
+//! solution (every group at a minimizer of c + λw) and the LP rounded down plus a greedy fill of the
+//! leftover budget the incumbent z; (2) every option whose reduced cost c + λw − min(c + λw)
+//! exceeds z − L(λ) is removed (no solution using it beats z), which leaves a core of groups with
+//! alternatives; (3) the core groups are added one at a time, those whose alternatives are closest
+//! to the price λ first, to a list of states (Δweight, Δcost against the base, the other groups at
+//! their base option). Dominated states are dropped, and a state is fathomed when a bound on every
+//! completion, Δcost plus the cheapest rate at which the groups still open can use its slack or
+//! repair its excess, cannot beat z. Weights and costs stay real numbers: nothing is discretized.
+//! The result is optimal up to floating-point rounding (gap 0) unless the state limit is hit, and
+//! then the least bound of the live states certifies the gap that is reported.
 
 use super::problem::Problem;
 use super::{Solution, Solver};
 use crate::error::{Error, Result};
 
-/// Exact multiple-choice knapsack branch-and-bound for problems with at most one budget.
+/// Exact multiple-choice knapsack solver for problems with at most one budget.
 #[derive(Debug, Clone)]
 pub struct ExactMckp {
-    /// Stop branching after this many nodes (the gap is then certified by the LP bound).
-    pub node_limit: u64,
+    /// Stop the dynamic programming when more states than this are alive (the gap is then
+    /// certified by the least bound of the live states).
+    pub state_limit: usize,
 }
 
 impl Default for ExactMckp {
     fn default() -> Self {
-        ExactMckp { node_limit: 5_000_000 }
+        ExactMckp { state_limit: 1_000_000 }
     }
 }
 
@@ -240,7 +247,7 @@ impl Solver for ExactMckp {
                 return Err(Error::invalid(
                     "solver",
                     "exact",
-                    format!("the exact branch-and-bound handles one budget, this problem has {n}; use --solver highs"),
+                    format!("the exact solver handles one budget, this problem has {n}; use --solver highs"),
                 ))
             }
         }
@@ -249,148 +256,186 @@ impl Solver for ExactMckp {
         let hulls: Vec<Hull> = w.iter().zip(&c).map(|(w, c)| hull(w, c)).collect();
         let incs = increments(&w, &c, &hulls);
         let Some(root) = lp(&w, &c, &hulls, cap, &incs) else { return Ok(None) };
+        let lambda = root.lambda.max(0.0);
+        // Base solution: the LP rounded down (every group at a minimizer of c + λw).
+        let base: Vec<usize> = root.pos.iter().zip(&hulls).map(|(&q, h)| h.idx[q]).collect();
         let mut pos = root.pos.clone();
         fill(&mut pos, root.left, &incs);
-        let mut best: Vec<usize> = pos.iter().zip(&hulls).map(|(&q, h)| h.idx[q]).collect();
-        let mut best_cost = p.cost(&best);
-        let lambda = root.lambda;
-        // Lagrangian bound L(λ) and reduced costs.
+        let greedy: Vec<usize> = pos.iter().zip(&hulls).map(|(&q, h)| h.idx[q]).collect();
+        // Lagrangian bound L(λ) = Σ_g min_j (c + λw) − λ·cap, a lower bound for every λ ≥ 0.
         let mins: Vec<f64> =
             w.iter().zip(&c).map(|(w, c)| w.iter().zip(c).map(|(w, c)| c + lambda * w).fold(f64::INFINITY, f64::min)).collect();
         let l_lambda: f64 = mins.iter().sum::<f64>() - lambda * cap;
-        let scale = best_cost.abs().max(root.value.abs()).max(1e-300);
-        let eps = 1e-9 * scale;
-        let slack = best_cost - l_lambda + eps;
-        // Surviving options per group, by reduced cost.
-        let mut core: Vec<usize> = Vec::new();
-        let mut surv: Vec<Vec<usize>> = Vec::with_capacity(w.len());
-        let mut fixed_w = 0.0;
-        let mut fixed_c = 0.0;
+        let c0: f64 = base.iter().enumerate().map(|(g, &j)| c[g][j]).sum();
+        let w0: f64 = base.iter().enumerate().map(|(g, &j)| w[g][j]).sum();
+        let slack = cap - w0;
+        let wtol = super::problem::tol(cap);
+        let greedy_cost = p.cost(&greedy);
+        let eps = 1e-12 * greedy_cost.abs().max(root.value.abs()).max(1e-300);
+        // Reduced-cost fixing: an option whose reduced cost exceeds z − L(λ) is in no solution
+        // better than the incumbent z. The core is every group with an alternative left.
+        let gap_abs = greedy_cost - l_lambda + eps;
+        let mut core: Vec<CoreGroup> = Vec::new();
         for g in 0..w.len() {
-            let mut s: Vec<usize> = (0..w[g].len()).filter(|&j| c[g][j] + lambda * w[g][j] - mins[g] <= slack).collect();
-            s.sort_by(|&a, &b| (c[g][a] + lambda * w[g][a]).total_cmp(&(c[g][b] + lambda * w[g][b])).then(w[g][a].total_cmp(&w[g][b])));
-            if s.len() == 1 {
-                fixed_w += w[g][s[0]];
-                fixed_c += c[g][s[0]];
-            } else {
-                core.push(g);
-            }
-            surv.push(s);
-        }
-        let mut nodes = 0u64;
-        let mut complete = true;
-        if !core.is_empty() {
-            // Core groups, most options first (branch on the hardest decisions near the root).
-            core.sort_by_key(|&g| std::cmp::Reverse(surv[g].len()));
-            let cw: Vec<Vec<f64>> = core.iter().map(|&g| surv[g].iter().map(|&j| w[g][j]).collect()).collect();
-            let cc: Vec<Vec<f64>> = core.iter().map(|&g| surv[g].iter().map(|&j| c[g][j]).collect()).collect();
-            let chulls: Vec<Hull> = cw.iter().zip(&cc).map(|(w, c)| hull(w, c)).collect();
-            let cincs = increments(&cw, &cc, &chulls);
-            // Suffix sums of the lightest weight, for the feasibility test.
-            let minw: Vec<f64> = cw.iter().map(|w| w.iter().copied().fold(f64::INFINITY, f64::min)).collect();
-            let mut suffix = vec![0.0; core.len() + 1];
-            for d in (0..core.len()).rev() {
-                suffix[d] = suffix[d + 1] + minw[d];
-            }
-            let mut search = Search {
-                cw: &cw,
-                cc: &cc,
-                chulls: &chulls,
-                cincs: &cincs,
-                suffix: &suffix,
-                best: best_cost - fixed_c,
-                best_pick: None,
-                pick: vec![0; core.len()],
-                nodes: 0,
-                limit: self.node_limit,
-                eps,
-            };
-            search.dfs(0, cap - fixed_w, 0.0);
-            nodes = search.nodes;
-            complete = search.nodes < search.limit;
-            if let Some(pick) = search.best_pick {
-                for (d, &g) in core.iter().enumerate() {
-                    best[g] = surv[g][pick[d]];
+            let b = base[g];
+            let mut opts = Vec::new();
+            let (mut mu, mut nu) = (f64::INFINITY, f64::INFINITY);
+            for j in 0..w[g].len() {
+                let r = (c[g][j] + lambda * w[g][j] - mins[g]).max(0.0);
+                let dw = w[g][j] - w[g][b];
+                if j == b || r > gap_abs || dw == 0.0 {
+                    continue;
                 }
-                for g in 0..w.len() {
-                    if surv[g].len() == 1 {
-                        best[g] = surv[g][0];
+                if dw < 0.0 {
+                    mu = mu.min(r / -dw);
+                } else {
+                    nu = nu.min(r / dw);
+                }
+                opts.push((j as u32, dw, c[g][j] - c[g][b]));
+            }
+            if !opts.is_empty() {
+                core.push(CoreGroup { g: g as u32, opts, key: mu.min(nu), mu, nu });
+            }
+        }
+        // Groups whose alternatives are closest to the LP price first: the bound of the groups
+        // still open then tightens fastest (Pisinger's core expansion, minus the lazy sorting).
+        core.sort_by(|a, b| a.key.total_cmp(&b.key).then(a.g.cmp(&b.g)));
+        let n = core.len();
+        let (mut mu_suf, mut nu_suf) = (vec![f64::INFINITY; n + 1], vec![f64::INFINITY; n + 1]);
+        for d in (0..n).rev() {
+            mu_suf[d] = mu_suf[d + 1].min(core[d].mu);
+            nu_suf[d] = nu_suf[d + 1].min(core[d].nu);
+        }
+        // Dynamic programming over the core, one group at a time. A state is a partial choice over
+        // the groups processed so far, the others at their base option: Δweight and Δcost against
+        // the base solution. States dominated in both are dropped; a state whose bound cannot beat
+        // the incumbent is fathomed. Every feasible state is a complete solution (incumbent update).
+        let mut best_dc = greedy_cost - c0;
+        let mut best_node: Option<u32> = None;
+        let mut arena: Vec<Step> = Vec::new();
+        let mut states = vec![State { dw: 0.0, dc: 0.0, node: NIL }];
+        let mut next: Vec<State> = Vec::new();
+        let mut shifted: Vec<State> = Vec::new();
+        let mut merged: Vec<State> = Vec::new();
+        let mut peak = 1usize;
+        let mut stopped: Option<f64> = None;
+        for d in 0..n {
+            let (mu, nu) = (mu_suf[d + 1], nu_suf[d + 1].min(lambda));
+            let bound = |s: &State| {
+                let u = slack - s.dw;
+                if u >= -wtol {
+                    s.dc - (lambda - nu) * u.max(0.0)
+                } else if mu.is_finite() {
+                    s.dc + (mu + lambda) * -u
+                } else {
+                    f64::INFINITY
+                }
+            };
+            let cg = &core[d];
+            // The base option keeps every state as it is; each alternative shifts the sorted list.
+            next.clear();
+            next.extend(states.iter().copied().filter(|s| bound(s) < best_dc - eps));
+            for &(j, dw, dc) in &cg.opts {
+                shifted.clear();
+                for s in &states {
+                    let t = State { dw: s.dw + dw, dc: s.dc + dc, node: NIL };
+                    if bound(&t) < best_dc - eps {
+                        arena.push(Step { parent: s.node, g: cg.g, j });
+                        let node = (arena.len() - 1) as u32;
+                        shifted.push(State { node, ..t });
                     }
                 }
-                best_cost = p.cost(&best);
+                merge_pareto(&next, &shifted, &mut merged);
+                std::mem::swap(&mut next, &mut merged);
+            }
+            // Incumbent update from feasible states, then fathoming against the new incumbent.
+            for s in &next {
+                if s.dw <= slack + wtol && s.dc < best_dc - eps {
+                    best_dc = s.dc;
+                    best_node = Some(s.node);
+                }
+            }
+            states.clear();
+            states.extend(next.iter().copied().filter(|s| bound(s) < best_dc - eps));
+            peak = peak.max(states.len());
+            if states.is_empty() {
+                break;
+            }
+            if states.len() > self.state_limit || arena.len() > 16 * self.state_limit {
+                // Out of room: every solution better than the incumbent extends a live state.
+                let lb = states.iter().map(bound).fold(best_dc, f64::min);
+                stopped = Some(c0 + lb.min(best_dc));
+                break;
             }
         }
-        tracing::debug!(groups = w.len(), core = core.len(), nodes, lambda, "exact MCKP");
-        let bound = if complete { best_cost } else { root.value };
-        let note = (!complete).then(|| format!("node limit {} reached; gap certified by the LP bound", self.node_limit));
+        let mut best = base;
+        match best_node {
+            Some(mut node) => {
+                while node != NIL {
+                    let s = arena[node as usize];
+                    best[s.g as usize] = s.j as usize;
+                    node = s.parent;
+                }
+            }
+            None => best = greedy,
+        }
+        let best_cost = p.cost(&best);
+        tracing::debug!(groups = w.len(), core = n, peak_states = peak, steps = arena.len(), lambda, "exact MCKP");
+        let bound = match stopped {
+            None => best_cost,
+            Some(lb) => lb.max(l_lambda).max(root.value).min(best_cost),
+        };
+        let note = stopped.map(|_| format!("state limit {} reached; gap certified by the bound of the live states", self.state_limit));
         Ok(Some(Solution { choice: best, bound, note }))
     }
 }
 
-struct Search<'a> {
-    cw: &'a [Vec<f64>],
-    cc: &'a [Vec<f64>],
-    chulls: &'a [Hull],
-    cincs: &'a [Inc],
-    suffix: &'a [f64],
-    best: f64,
-    best_pick: Option<Vec<usize>>,
-    pick: Vec<usize>,
-    nodes: u64,
-    limit: u64,
-    eps: f64,
+const NIL: u32 = u32::MAX;
+
+/// A core group: its alternatives to the base option (option, Δweight, Δcost) and the least
+/// reduced cost per unit of weight of its lighter (μ) and heavier (ν) alternatives.
+struct CoreGroup {
+    g: u32,
+    opts: Vec<(u32, f64, f64)>,
+    key: f64,
+    mu: f64,
+    nu: f64,
 }
 
-impl Search<'_> {
-    /// LP bound of the groups at depth ≥ d with capacity `cap` (None: infeasible).
-    fn bound(&self, d: usize, cap: f64) -> Option<f64> {
-        let mut left = cap;
-        let mut value = 0.0;
-        for g in d..self.cw.len() {
-            let j = self.chulls[g].idx[0];
-            left -= self.cw[g][j];
-            value += self.cc[g][j];
-        }
-        if left < -super::problem::tol(cap) {
-            return None;
-        }
-        for inc in self.cincs {
-            if inc.g < d {
-                continue;
-            }
-            if inc.dw <= left {
-                left -= inc.dw;
-                value += inc.dc;
-            } else {
-                return Some(value + inc.dc * (left / inc.dw));
-            }
-        }
-        Some(value)
-    }
+/// A dynamic-programming state: Δweight and Δcost against the base solution, and the last step
+/// of its partial choice in the arena (NIL: all base options).
+#[derive(Clone, Copy)]
+struct State {
+    dw: f64,
+    dc: f64,
+    node: u32,
+}
 
-    fn dfs(&mut self, d: usize, cap: f64, cost: f64) {
-        if self.nodes >= self.limit {
-            return;
-        }
-        self.nodes += 1;
-        if d == self.cw.len() {
-            if cost < self.best - self.eps {
-                self.best = cost;
-                self.best_pick = Some(self.pick.clone());
-            }
-            return;
-        }
-        match self.bound(d, cap) {
-            Some(b) if cost + b < self.best - self.eps => {}
-            _ => return,
-        }
-        for j in 0..self.cw[d].len() {
-            let (wj, cj) = (self.cw[d][j], self.cc[d][j]);
-            if wj + self.suffix[d + 1] > cap + super::problem::tol(cap) {
-                continue;
-            }
-            self.pick[d] = j;
-            self.dfs(d + 1, cap - wj, cost + cj);
+/// One non-base choice of a state's history: group `g` takes option `j`, then `parent`'s steps.
+#[derive(Clone, Copy)]
+struct Step {
+    parent: u32,
+    g: u32,
+    j: u32,
+}
+
+/// Merges two lists sorted by Δweight into `out`, keeping only states that no other state beats or
+/// equals in both Δweight and Δcost (the Pareto frontier, sorted by Δweight, Δcost decreasing).
+fn merge_pareto(a: &[State], b: &[State], out: &mut Vec<State>) {
+    out.clear();
+    let (mut i, mut k) = (0, 0);
+    let mut last = f64::INFINITY;
+    while i < a.len() || k < b.len() {
+        let s = if k == b.len() || (i < a.len() && (a[i].dw, a[i].dc) <= (b[k].dw, b[k].dc)) {
+            i += 1;
+            a[i - 1]
+        } else {
+            k += 1;
+            b[k - 1]
+        };
+        if s.dc < last {
+            last = s.dc;
+            out.push(s);
         }
     }
 }
