@@ -71,6 +71,18 @@ pub enum Error {
     /// An operation the model does not support (e.g. activation quantization on TorchScript).
     #[error("{0}")]
     Unsupported(String),
+    /// No configuration satisfies every budget (a solver outcome, not a malformed input): each
+    /// budget with its limit and the smallest value any allowed configuration reaches.
+    #[error("budget {}: no configuration fits: {}{}; raise a budget, or allow smaller formats",
+        .budgets.iter().map(|b| format!("`{}`", b.budget)).collect::<Vec<_>>().join(" "),
+        .budgets.iter().map(|b| b.to_string()).collect::<Vec<_>>().join("; "),
+        .joint.as_ref().map(|j| format!("; {j}")).unwrap_or_default())]
+    Infeasible {
+        /// Every budget of the problem, with its limit and smallest achievable value.
+        budgets: Vec<crate::alloc::Shortfall>,
+        /// Why the budgets fail together when each is reachable alone (None when one is not).
+        joint: Option<String>,
+    },
     /// An error raised inside libtorch.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),

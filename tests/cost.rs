@@ -185,3 +185,51 @@ fn spec_labels_round_trip() {
     assert!(parse_spec("int4/blah").is_err());
     assert!(parse_candidates(" , ").is_err());
 }
+
+/// Robust costs: each layer's Ω uses Tr + z·s.e. (clamped at 0) over the same ‖ΔW‖², so every
+/// robust cost is ≥ its nominal cost, z = 0 gives the nominal table, and the resources are equal.
+#[test]
+fn robust_costs_use_the_upper_bound_of_each_trace() {
+    let m = Tiny::new();
+    let cands = parse_candidates("int2,int4,int8,fp32").unwrap();
+    // Layer `a` has a negative trace whose upper bound is positive: clamped to 0 nominally, not robustly.
+    let mut r = report([12.8, -0.05]);
+    r.layers[1].trace_std_err = Some(0.5);
+    let z = 1.96;
+    let (nominal, robust) = CostTable::build_nominal_and_robust(&m, &r, &cands, &BuildOptions::default(), z).unwrap();
+    assert_eq!(nominal, CostTable::build(&m, &r, &cands, &BuildOptions::default()).unwrap());
+    assert_eq!(robust, CostTable::build(&m, &r, &cands, &BuildOptions { robust_z: Some(z), ..Default::default() }).unwrap());
+    for ((ln, lr), ls) in nominal.layers.iter().zip(&robust.layers).zip(&r.layers) {
+        let se = ls.trace_std_err.unwrap();
+        let ucb = (ls.trace.unwrap() + z * se).max(0.0);
+        for (on, or) in ln.options.iter().zip(&lr.options) {
+            assert_eq!((&on.format, on.bytes, on.bits, on.bops), (&or.format, or.bytes, or.bits, or.bops));
+            assert!(or.cost >= on.cost, "{} {}: robust {} < nominal {}", ln.name, on.format, or.cost, on.cost);
+            let w = m.weight(&ln.name).unwrap();
+            let e2 = (fake_quantize(&w, &parse_spec(&on.format).unwrap()).unwrap() - &w).square().sum(Kind::Double).double_value(&[]);
+            let want = ucb / ln.params as f64 * e2;
+            assert!((or.cost - want).abs() <= OMEGA_RTOL * want.abs().max(1e-30), "{} {}: {} vs {want}", ln.name, on.format, or.cost);
+        }
+    }
+    assert!(nominal.layers[1].options[0].cost == 0.0 && robust.layers[1].options[0].cost > 0.0);
+    let (n0, r0) = CostTable::build_nominal_and_robust(&m, &r, &cands, &BuildOptions::default(), 0.0).unwrap();
+    assert_eq!(n0.layers[0], r0.layers[0]);
+}
+
+#[test]
+fn robust_costs_need_standard_errors_and_the_hessian_proxy() {
+    let m = Tiny::new();
+    let cands = parse_candidates("int2,int8").unwrap();
+    let mut r = report([12.8, 3.2]);
+    r.layers[1].trace_std_err = None;
+    let e = CostTable::build_nominal_and_robust(&m, &r, &cands, &BuildOptions::default(), 1.96).unwrap_err().to_string();
+    assert!(e.contains("`b`") && e.contains("standard error"), "{e}");
+    let r = report([12.8, 3.2]);
+    let fisher = BuildOptions { proxy: Proxy::Fisher, ..Default::default() };
+    let e = CostTable::build_nominal_and_robust(&m, &r, &cands, &fisher, 1.96).unwrap_err().to_string();
+    assert!(e.contains("hessian"), "{e}");
+    for bad in [-1.0, f64::NAN] {
+        let e = CostTable::build_nominal_and_robust(&m, &r, &cands, &BuildOptions::default(), bad).unwrap_err().to_string();
+        assert!(e.contains("--robust"), "{e}");
+    }
+}

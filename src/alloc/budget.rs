@@ -192,3 +192,39 @@ impl Budget {
         Ok(ResolvedBudget { budget: *self, limit, min, max })
     }
 }
+
+/// One budget of an infeasible problem: its limit and the least any allowed configuration uses,
+/// as carried by [`Error::Infeasible`](crate::Error::Infeasible).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Shortfall {
+    /// The budget as given (`size=100KB`).
+    pub budget: String,
+    /// The resource.
+    pub resource: Resource,
+    /// The limit, in the solvers' additive unit (bytes, bits, BOPs, µs).
+    pub limit: f64,
+    /// The smallest achievable amount (every layer at its smallest allowed option), same unit.
+    pub min: f64,
+    /// `limit` for people (`3.000 bits/w`).
+    pub limit_display: String,
+    /// `min` for people.
+    pub min_display: String,
+}
+
+impl Shortfall {
+    /// Whether this budget alone is out of reach (its limit is below the smallest achievable).
+    pub fn below_min(&self) -> bool {
+        self.min > self.limit + super::problem::tol(self.limit)
+    }
+}
+
+impl fmt::Display for Shortfall {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let verdict = if self.below_min() { "below" } else { "within reach of" };
+        write!(
+            f,
+            "{} limit {} is {verdict} the smallest achievable {} (every layer at its smallest allowed format)",
+            self.resource, self.limit_display, self.min_display
+        )
+    }
+}

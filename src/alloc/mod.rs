@@ -8,7 +8,12 @@
 //! budgets) and [`Greedy`] (the baseline the others are measured against). Constraints — tie
 //! groups, pins, allowed formats — are applied once when the [`Problem`] is built, so they hold
 //! whichever solver runs. Every [`Allocation`] carries its own certificate: objective, proven
-//! lower bound and gap, each budget's use and limit, solver and time.
+//! lower bound and gap, each budget's use and limit, solver and time. When no configuration fits,
+//! the answer is [`Error::Infeasible`] with each budget's limit and smallest achievable value.
+//!
+//! [`breakpoints`] enumerates the exact steps of one budget's Pareto front (every distinct optimal
+//! allocation as the budget grows), and [`robust`] compares the nominal optimum with the optimum
+//! over upper-confidence-bound costs.
 //!
 //! ```no_run
 //! # fn main() -> mixq::Result<()> {
@@ -22,14 +27,18 @@
 //! ```
 
 pub mod budget;
+pub mod front;
 mod ilp;
 mod mckp;
 pub mod problem;
+pub mod robust;
 
-pub use budget::{Budget, Limit, ResolvedBudget, Resource};
+pub use budget::{Budget, Limit, ResolvedBudget, Resource, Shortfall};
+pub use front::{breakpoints, Front};
 pub use ilp::Highs;
 pub use mckp::{ExactMckp, Greedy};
 pub use problem::{Allow, Constraints, Group, GroupOption, Pin, Problem, Tie};
+pub use robust::{compare as compare_robust, compare_allocations, FormatChange, RobustComparison};
 
 use crate::config::{LayerSetting, ModelRef, QuantConfig};
 use crate::cost::CostTable;
@@ -254,4 +263,59 @@ pub fn solve_problem(table: &CostTable, problem: &Problem, solver: &dyn Solver) 
         })
         .collect();
     Ok(Allocation { layers, objective, bound, gap, budgets, solver: solver.name().to_string(), time_s, note: sol.note })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cost::{synthetic, CostOption, LayerCosts};
+
+    #[test]
+    fn infeasibility_is_typed_and_states_each_minimum() {
+        let t = synthetic(1, 5, 3);
+        let c = Constraints { budgets: vec!["avg-bits=1".parse().unwrap(), "size=100%".parse().unwrap()], ..Default::default() };
+        match solve(&t, &c, SolverKind::Auto) {
+            Err(e @ Error::Infeasible { .. }) => {
+                let msg = e.to_string();
+                let Error::Infeasible { budgets, joint } = e else { unreachable!() };
+                assert_eq!(budgets.len(), 2);
+                assert!(budgets[0].below_min() && !budgets[1].below_min() && joint.is_none());
+                let min_bits: u64 = t.layers.iter().map(|l| l.options.iter().map(|o| o.bits).min().unwrap()).sum();
+                assert_eq!(budgets[0].min, min_bits as f64);
+                assert!(msg.contains("avg-bits limit 1.000 bits/w is below the smallest achievable"), "{msg}");
+            }
+            other => panic!("expected Error::Infeasible, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn jointly_infeasible_budgets_say_so() {
+        // One layer: small and slow, or large and fast.
+        let o = |format: &str, bytes: u64, latency: f64| CostOption {
+            format: format.into(),
+            cost: 1.0,
+            bytes,
+            bits: bytes * 8,
+            bops: 0.0,
+            latency_us: Some(latency),
+        };
+        let t = CostTable {
+            layers: vec![LayerCosts {
+                name: "fc".into(),
+                params: 0,
+                trace_per_param: None,
+                options: vec![o("int2", 10, 100.0), o("int8", 100, 10.0)],
+            }],
+        };
+        let c = Constraints { budgets: vec!["size=50B".parse().unwrap(), "latency=50us".parse().unwrap()], ..Default::default() };
+        let e = solve(&t, &c, SolverKind::Highs).unwrap_err();
+        let msg = e.to_string();
+        match e {
+            Error::Infeasible { budgets, joint } => {
+                assert!(budgets.iter().all(|b| !b.below_min()) && joint.is_some(), "{msg}");
+                assert!(msg.contains("within reach of the smallest achievable 10 B") && msg.contains("not all at once"), "{msg}");
+            }
+            other => panic!("expected Error::Infeasible, got {other:?}"),
+        }
+    }
 }

@@ -6,7 +6,7 @@
 //! multiple-choice problem: pick one option per group, minimize Σ cost, keep each Σ resource under
 //! its limit. Ties and pins therefore hold by construction, whichever solver runs.
 
-use super::budget::{Budget, ResolvedBudget, Resource};
+use super::budget::{Budget, ResolvedBudget, Resource, Shortfall};
 use crate::cost::{parse_spec, spec_label, CostTable};
 use crate::error::{Error, Result};
 use regex::Regex;
@@ -319,30 +319,27 @@ impl Problem {
         Err(self.infeasible(table, None))
     }
 
-    /// The infeasibility error: each budget's limit and the smallest value any allowed
-    /// configuration reaches. `joint` explains a set of budgets that is only jointly infeasible.
+    /// The infeasibility error ([`Error::Infeasible`]): each budget's limit and the smallest value
+    /// any allowed configuration reaches. `joint` explains a set of budgets that is only jointly
+    /// infeasible.
     pub fn infeasible(&self, table: &CostTable, joint: Option<&str>) -> Error {
         let params = table.total_params();
-        let parts: Vec<String> = self
+        let budgets = self
             .budgets
             .iter()
             .map(|b| {
                 let r = b.budget.resource;
-                let verdict = if b.min > b.limit + tol(b.limit) { "below" } else { "within reach of" };
-                format!(
-                    "{} limit {} is {verdict} the smallest achievable {} (every layer at its smallest allowed format)",
-                    r,
-                    r.display(b.limit, params),
-                    r.display(b.min, params)
-                )
+                Shortfall {
+                    budget: b.budget.to_string(),
+                    resource: r,
+                    limit: b.limit,
+                    min: b.min,
+                    limit_display: r.display(b.limit, params),
+                    min_display: r.display(b.min, params),
+                }
             })
             .collect();
-        let mut msg = format!("no configuration fits: {}", parts.join("; "));
-        if let Some(j) = joint {
-            msg.push_str(&format!("; {j}"));
-        }
-        msg.push_str("; raise a budget, or allow smaller formats");
-        Error::invalid("budget", self.budgets.iter().map(|b| b.budget.to_string()).collect::<Vec<_>>().join(" "), msg)
+        Error::Infeasible { budgets, joint: joint.map(str::to_string) }
     }
 }
 

@@ -1,10 +1,10 @@
 //! `mixq allocate`: sensitivity report (or a user cost table) + budgets → QuantConfig.
 
 use super::table::{thousands, Table};
-use crate::alloc::{solve, Allocation, Budget, Constraints, SolverKind};
+use crate::alloc::{compare_robust, solve, Allocation, Budget, Constraints, RobustComparison, SolverKind};
 use crate::config::ModelRef;
 use crate::cost::{parse_candidates, BuildOptions, CostTable, LatencyTable, Proxy};
-use crate::model::{self, data::Dataset};
+use crate::model::{self, data::Dataset, QuantModel};
 use crate::sensitivity::report::SensitivityReport;
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -41,9 +41,16 @@ pub struct CostArgs {
     /// instead of building one from a report; no model needed.
     #[arg(long)]
     pub cost_table: Option<PathBuf>,
-    /// Write the cost table used (CSV, or JSON when the name ends in `.json`).
+    /// Write the cost table used (CSV, or JSON when the name ends in `.json`; the nominal one
+    /// under --robust).
     #[arg(long)]
     pub write_cost_table: Option<PathBuf>,
+    /// Robust mode: solve with each layer's upper confidence bound Tr + Z·s.e. (Z defaults to
+    /// 1.96) in place of its trace, and report which layers change format against the nominal
+    /// solution and both solutions' objectives under both cost tables (needs a report with
+    /// standard errors and the hessian proxy).
+    #[arg(long, value_name = "Z", num_args = 0..=1, default_missing_value = "1.96")]
+    pub robust: Option<f64>,
 }
 
 /// Tie groups, pins and allowed formats.
@@ -84,8 +91,12 @@ pub struct AllocateArgs {
 
 /// A cost table and what it came from.
 pub struct Costs {
-    /// The table.
+    /// The table (nominal costs).
     pub table: CostTable,
+    /// Under `--robust`: z and the table with upper-bound costs.
+    pub robust: Option<(f64, CostTable)>,
+    /// The model the table was built from, when one was loaded.
+    pub loaded: Option<Box<dyn QuantModel>>,
     /// Provenance entries.
     pub provenance: BTreeMap<String, serde_json::Value>,
     /// The model reference for the config.
@@ -100,9 +111,17 @@ fn file_sha(path: &PathBuf) -> Result<String> {
 /// Builds or loads the cost table of `a`.
 pub fn costs(a: &CostArgs) -> Result<Costs> {
     let mut prov = BTreeMap::new();
+    if let Some(z) = a.robust {
+        crate::cost::check_robust_z(z)?;
+    }
+    let mut robust = None;
+    let mut loaded = None;
     let (table, model_ref) = if let Some(path) = &a.cost_table {
         if a.sens.is_some() {
             bail!("give either --cost-table or --sens, not both");
+        }
+        if a.robust.is_some() {
+            bail!("--robust needs the traces' standard errors: give --sens REPORT.json instead of --cost-table");
         }
         let t = CostTable::load(path)?;
         prov.insert("cost_table".into(), json!({"path": path.display().to_string(), "sha256": file_sha(path)?}));
@@ -127,18 +146,27 @@ pub fn costs(a: &CostArgs) -> Result<Costs> {
             None => crate::cost::default_candidates(),
         };
         let latency = a.latency.as_ref().map(|p| LatencyTable::load(p)).transpose()?;
-        let opts = BuildOptions { proxy: a.proxy, activation_bits: a.act_bits, latency };
-        let t = CostTable::build(m.as_ref(), &report, &candidates, &opts)?;
+        let opts = BuildOptions { proxy: a.proxy, activation_bits: a.act_bits, latency, robust_z: None };
+        let t = match a.robust {
+            Some(z) => {
+                let (t, r) = CostTable::build_nominal_and_robust(m.as_ref(), &report, &candidates, &opts, z)?;
+                robust = Some((z, r));
+                prov.insert("robust_z".into(), json!(z));
+                t
+            }
+            None => CostTable::build(m.as_ref(), &report, &candidates, &opts)?,
+        };
         prov.insert("sensitivity".into(), json!({"path": sens.display().to_string(), "sha256": file_sha(sens)?}));
         prov.insert("proxy".into(), json!(a.proxy.to_string()));
         prov.insert("candidates".into(), json!(candidates.iter().map(crate::cost::spec_label).collect::<Vec<_>>()));
+        loaded = Some(m);
         (t, Some(ModelRef { name: spec, weights_sha256: Some(hash) }))
     };
     if let Some(out) = &a.write_cost_table {
         table.save(out)?;
         eprintln!("cost table written to {}", out.display());
     }
-    Ok(Costs { table, provenance: prov, model: model_ref })
+    Ok(Costs { table, robust, loaded, provenance: prov, model: model_ref })
 }
 
 /// The constraints of `c` with `budgets`.
@@ -181,21 +209,69 @@ pub fn render(a: &Allocation) -> String {
     s
 }
 
+/// What the robust solution changes against the nominal one: the layers whose format differs and
+/// both solutions' Σ Ω under both cost tables.
+pub fn render_robust(c: &RobustComparison) -> String {
+    let n = c.nominal.layers.len();
+    let mut s = format!("Robust vs nominal (costs from Tr + {}·s.e. vs Tr): {} of {n} layers change format\n", c.z, c.changed.len());
+    if !c.changed.is_empty() {
+        let mut t = Table::new(&["layer", "nominal", "robust"], &[false, false, false]);
+        for ch in &c.changed {
+            t.row(vec![ch.layer.clone(), ch.nominal.clone(), ch.robust.clone()]);
+        }
+        s.push_str(&t.render("  "));
+    }
+    let mut t = Table::new(&["Σ Ω of", "nominal costs", "robust costs"], &[false, true, true]);
+    t.row(vec!["nominal config".into(), format!("{:.4e}", c.nominal.objective), format!("{:.4e}", c.nominal_under_robust)]);
+    t.row(vec!["robust config".into(), format!("{:.4e}", c.robust_under_nominal), format!("{:.4e}", c.robust.objective)]);
+    s.push_str(&t.render("  "));
+    s
+}
+
+/// The provenance entry of a robust solution.
+pub fn robust_provenance(c: &RobustComparison) -> serde_json::Value {
+    json!({
+        "z": c.z,
+        "changed_layers": c.changed.len(),
+        "changes": c.changed,
+        "nominal_objective": c.nominal.objective,
+        "robust_objective": c.robust.objective,
+        "nominal_config_under_robust_costs": c.nominal_under_robust,
+        "robust_config_under_nominal_costs": c.robust_under_nominal,
+    })
+}
+
 /// Runs `mixq allocate`.
 pub fn run(a: AllocateArgs) -> Result<()> {
     let c = costs(&a.cost)?;
     let cons = constraints(&a.constraints, &a.budgets)?;
-    let alloc = solve(&c.table, &cons, a.solver)?;
+    let (alloc, cmp) = match &c.robust {
+        Some((z, rt)) => {
+            let cmp = compare_robust(&c.table, rt, *z, &cons, a.solver)?;
+            (cmp.robust.clone(), Some(cmp))
+        }
+        None => (solve(&c.table, &cons, a.solver)?, None),
+    };
     let mut cfg = alloc.to_config(c.model.clone())?;
     cfg.provenance.extend(c.provenance.clone());
     cfg.provenance.insert("command".into(), json!(std::env::args().collect::<Vec<_>>().join(" ")));
+    if let Some(cmp) = &cmp {
+        cfg.provenance.insert("robust".into(), robust_provenance(cmp));
+    }
     if let Some(out) = &a.output {
         cfg.save(out)?;
     }
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&alloc)?);
+        match &cmp {
+            Some(cmp) => println!("{}", serde_json::to_string_pretty(cmp)?),
+            None => println!("{}", serde_json::to_string_pretty(&alloc)?),
+        }
     } else {
         print!("{}", render(&alloc));
+        if let Some(cmp) = &cmp {
+            println!();
+            print!("{}", render_robust(cmp));
+        }
         if let Some(out) = &a.output {
             println!("config written to {}", out.display());
         }

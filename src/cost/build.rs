@@ -82,13 +82,19 @@ pub struct BuildOptions {
     pub activation_bits: u32,
     /// Measured latencies, if any.
     pub latency: Option<LatencyTable>,
+    /// Robust costs: use each layer's upper confidence bound Tr + z·s.e. (clamped at 0) instead of
+    /// the trace (Hessian proxy only; needs `trace_std_err` in the report).
+    pub robust_z: Option<f64>,
 }
 
 impl Default for BuildOptions {
     fn default() -> Self {
-        BuildOptions { proxy: Proxy::Hessian, activation_bits: 32, latency: None }
+        BuildOptions { proxy: Proxy::Hessian, activation_bits: 32, latency: None, robust_z: None }
     }
 }
+
+/// z of a two-sided 95 % normal interval, the default of `--robust`.
+pub const ROBUST_Z_DEFAULT: f64 = 1.96;
 
 /// The default candidates: int2, int3, int4, int8 (symmetric, per-channel) and fp32.
 pub fn default_candidates() -> Vec<QuantSpec> {
@@ -123,34 +129,83 @@ impl CostTable {
     /// the allocator prefer the coarsest format for the wrong reason. Candidates that do not fit a
     /// layer (a group size that does not divide its input dimension) are left out for that layer.
     pub fn build(model: &dyn QuantModel, report: &SensitivityReport, candidates: &[QuantSpec], opts: &BuildOptions) -> Result<CostTable> {
-        if candidates.is_empty() {
-            return Err(Error::invalid("candidates", "", "give at least one candidate format"));
+        let mut v = build_tables(model, report, candidates, opts, &[opts.robust_z])?;
+        Ok(v.pop().expect("one table per z"))
+    }
+
+    /// The nominal table and the robust one (traces replaced by Tr + z·s.e., clamped at 0), from
+    /// one pass over the weights; `opts.robust_z` is ignored. The two tables have the same layers,
+    /// options and resources, and every robust cost is ≥ its nominal cost (for z ≥ 0).
+    pub fn build_nominal_and_robust(
+        model: &dyn QuantModel,
+        report: &SensitivityReport,
+        candidates: &[QuantSpec],
+        opts: &BuildOptions,
+        z: f64,
+    ) -> Result<(CostTable, CostTable)> {
+        let mut v = build_tables(model, report, candidates, opts, &[None, Some(z)])?;
+        let robust = v.pop().expect("two tables");
+        let nominal = v.pop().expect("two tables");
+        Ok((nominal, robust))
+    }
+}
+
+/// Checks a robust z: finite and ≥ 0.
+pub fn check_robust_z(z: f64) -> Result<()> {
+    if !z.is_finite() || z < 0.0 {
+        return Err(Error::invalid("--robust", z.to_string(), "z must be a finite number ≥ 0 (1.96: a 95 % two-sided normal interval)"));
+    }
+    Ok(())
+}
+
+/// One table per entry of `zs` (None: nominal traces, Some(z): upper bounds), sharing the
+/// quantization errors.
+fn build_tables(
+    model: &dyn QuantModel,
+    report: &SensitivityReport,
+    candidates: &[QuantSpec],
+    opts: &BuildOptions,
+    zs: &[Option<f64>],
+) -> Result<Vec<CostTable>> {
+    if candidates.is_empty() {
+        return Err(Error::invalid("candidates", "", "give at least one candidate format"));
+    }
+    for z in zs.iter().flatten() {
+        check_robust_z(*z)?;
+        if opts.proxy != Proxy::Hessian {
+            return Err(Error::invalid(
+                "--robust",
+                z.to_string(),
+                format!("robust costs need the hessian proxy (the report has standard errors only for traces), not `{}`", opts.proxy),
+            ));
         }
-        let mut layers = Vec::new();
-        for info in model.layers() {
-            let sens = report.layer(&info.name)?;
-            let factor = sensitivity_factor(sens, opts.proxy)?;
-            let w = model.weight(&info.name)?.detach().to_kind(Kind::Float);
-            let mut options = Vec::new();
-            for spec in candidates {
-                if spec.check_fits(&info.name, &info.shape).is_err() {
-                    continue;
-                }
-                let label = spec_label(spec);
-                let err2 = if spec.format == Format::Fp32 {
-                    0.0
-                } else {
-                    let q = fake_quantize(&w, spec)?;
-                    (q - &w).f_square()?.f_sum(Kind::Double)?.f_double_value(&[])?
-                };
+    }
+    let mut tables: Vec<Vec<LayerCosts>> = vec![Vec::new(); zs.len()];
+    for info in model.layers() {
+        let sens = report.layer(&info.name)?;
+        let factors: Vec<f64> = zs.iter().map(|z| sensitivity_factor(sens, opts.proxy, *z)).collect::<Result<_>>()?;
+        let w = model.weight(&info.name)?.detach().to_kind(Kind::Float);
+        let mut options: Vec<Vec<CostOption>> = vec![Vec::new(); zs.len()];
+        for spec in candidates {
+            if spec.check_fits(&info.name, &info.shape).is_err() {
+                continue;
+            }
+            let label = spec_label(spec);
+            let err2 = if spec.format == Format::Fp32 {
+                0.0
+            } else {
+                let q = fake_quantize(&w, spec)?;
+                (q - &w).f_square()?.f_sum(Kind::Double)?.f_double_value(&[])?
+            };
+            let bits = spec.storage_bits(&info.shape);
+            let latency_us = opts.latency.as_ref().and_then(|t| t.entries.get(&(info.name.clone(), label.clone())).copied());
+            for (out, factor) in options.iter_mut().zip(&factors) {
                 let cost = match opts.proxy {
                     Proxy::Measured => measured(sens, spec, &label)?,
                     _ => factor * err2,
                 };
-                let bits = spec.storage_bits(&info.shape);
-                let latency_us = opts.latency.as_ref().and_then(|t| t.entries.get(&(info.name.clone(), label.clone())).copied());
-                options.push(CostOption {
-                    format: label,
+                out.push(CostOption {
+                    format: label.clone(),
                     cost,
                     bytes: bits.div_ceil(8),
                     bits,
@@ -158,24 +213,32 @@ impl CostTable {
                     latency_us,
                 });
             }
-            if options.is_empty() {
-                return Err(Error::invalid(
-                    format!("candidates for layer `{}`", info.name),
-                    candidates.iter().map(spec_label).collect::<Vec<_>>().join(","),
-                    format!("no candidate fits the layer's shape {:?}", info.shape),
-                ));
-            }
-            let trace_per_param = matches!(opts.proxy, Proxy::Hessian).then_some(factor);
-            layers.push(LayerCosts { name: info.name.clone(), params: info.params, trace_per_param, options });
         }
-        let table = CostTable { layers };
-        table.validate()?;
-        Ok(table)
+        if options[0].is_empty() {
+            return Err(Error::invalid(
+                format!("candidates for layer `{}`", info.name),
+                candidates.iter().map(spec_label).collect::<Vec<_>>().join(","),
+                format!("no candidate fits the layer's shape {:?}", info.shape),
+            ));
+        }
+        for ((t, options), factor) in tables.iter_mut().zip(options).zip(&factors) {
+            let trace_per_param = matches!(opts.proxy, Proxy::Hessian).then_some(*factor);
+            t.push(LayerCosts { name: info.name.clone(), params: info.params, trace_per_param, options });
+        }
     }
+    tables
+        .into_iter()
+        .map(|layers| {
+            let table = CostTable { layers };
+            table.validate()?;
+            Ok(table)
+        })
+        .collect()
 }
 
-/// The per-weight sensitivity multiplying ‖ΔW‖² (1 for `WeightError`, unused for `Measured`).
-fn sensitivity_factor(sens: &LayerSensitivity, proxy: Proxy) -> Result<f64> {
+/// The per-weight sensitivity multiplying ‖ΔW‖² (1 for `WeightError`, unused for `Measured`);
+/// with `robust_z`, the trace's upper confidence bound Tr + z·s.e.
+fn sensitivity_factor(sens: &LayerSensitivity, proxy: Proxy, robust_z: Option<f64>) -> Result<f64> {
     let n = sens.params.max(1) as f64;
     let (value, field) = match proxy {
         Proxy::Hessian => (sens.trace, "trace"),
@@ -191,6 +254,16 @@ fn sensitivity_factor(sens: &LayerSensitivity, proxy: Proxy) -> Result<f64> {
     })?;
     if !v.is_finite() {
         return Err(Error::invalid(format!("sensitivity of layer `{}`", sens.name), v.to_string(), format!("`{field}` is not finite")));
+    }
+    if let Some(z) = robust_z {
+        let se = sens.trace_std_err.filter(|s| s.is_finite() && *s >= 0.0).ok_or_else(|| {
+            Error::invalid(
+                format!("sensitivity of layer `{}`", sens.name),
+                "trace_std_err",
+                "robust costs need the standard error of every trace; the report has none (or a bad one) for this layer",
+            )
+        })?;
+        return Ok((v + z * se).max(0.0) / n);
     }
     if v < 0.0 {
         tracing::warn!(layer = %sens.name, "{field} {v:.3e} is negative (estimate noise on a flat layer); clamped to 0");

@@ -14,7 +14,7 @@ mod build;
 pub mod io;
 mod synthetic;
 
-pub use build::{default_candidates, parse_candidates, BuildOptions, LatencyTable, Proxy};
+pub use build::{check_robust_z, default_candidates, parse_candidates, BuildOptions, LatencyTable, Proxy, ROBUST_Z_DEFAULT};
 pub use synthetic::synthetic;
 
 use crate::error::{Error, Result};
