@@ -296,3 +296,295 @@ fn zoo_model_products_work() -> Result<()> {
     assert_eq!(engine.hvp_count(), 2);
     Ok(())
 }
+
+// ---- Cache, resume, shards and merge (issue 3). ----
+
+use mixq::sensitivity::{
+    estimate_with, hutchinson_resumable, hutchpp_resumable, merge, Origin, RunOptions, SensitivityReport, Shard, TraceEstimate, TraceState,
+};
+use std::path::PathBuf;
+
+/// Pooled shards vs one run of the same probes: the products are the same, only the order of
+/// float sums (and the grouping of probes into passes) differs.
+const MERGE_REL_TOL: f64 = 1e-6;
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("mixq-sens-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn close(a: f64, b: f64, tol: f64) -> bool {
+    (a - b).abs() <= tol * a.abs().max(b.abs()).max(1e-30)
+}
+
+/// Settings that never stop early (tol 1e-9, no floor), so that a whole run uses every probe.
+fn no_early_stop(est: Estimator, max_probes: u64) -> SensitivitySettings {
+    SensitivitySettings {
+        estimators: vec![est],
+        batch_size: 32,
+        trace: TraceSettings { seed: 7, tol: 1e-9, tol_floor: 0.0, min_probes: 2, max_probes, block: 3, sketch: 4, ..Default::default() },
+        ..Default::default()
+    }
+}
+
+fn with_shard(s: &SensitivitySettings, k: u64, n: u64) -> SensitivitySettings {
+    SensitivitySettings { trace: TraceSettings { shard: Shard { index: k, count: n }, ..s.trace.clone() }, ..s.clone() }
+}
+
+#[test]
+fn shards_merged_equal_the_whole_run() -> Result<()> {
+    let model = Mlp::new(6);
+    let data = calib(48)?;
+    for est in [Estimator::Hutchinson, Estimator::Hutchpp] {
+        let whole_settings = no_early_stop(est, 20);
+        let whole = estimate(&model, &data, &whole_settings, &mut |_| {})?;
+        // 20 probes in 3 shards: 7 + 7 + 6, given in scrambled order.
+        let mut shards = Vec::new();
+        for k in [2, 0, 1] {
+            let r = estimate(&model, &data, &with_shard(&whole_settings, k, 3), &mut |_| {})?;
+            assert_eq!(r.settings["probes"], serde_json::json!(Shard { index: k, count: 3 }.share(20)));
+            shards.push((PathBuf::from(format!("shard{k}.json")), r));
+        }
+        let merged = merge(&shards)?;
+        for (m, w) in merged.layers.iter().zip(&whole.layers) {
+            let (mt, wt) = (m.trace.unwrap(), w.trace.unwrap());
+            let (ms, ws) = (m.trace_std_err.unwrap(), w.trace_std_err.unwrap());
+            assert!(close(mt, wt, MERGE_REL_TOL), "{est} layer {}: merged trace {mt} vs whole run {wt}", m.name);
+            assert!(close(ms, ws, MERGE_REL_TOL), "{est} layer {}: merged s.e. {ms} vs whole run {ws}", m.name);
+            let (mc, wc) = (m.extra["trace_ci95"].as_f64().unwrap(), w.extra["trace_ci95"].as_f64().unwrap());
+            assert!(close(mc, wc, MERGE_REL_TOL), "{est} layer {}: merged CI {mc} vs {wc}", m.name);
+            assert_eq!((m.probes, m.converged), (w.probes, w.converged), "{est} layer {}", m.name);
+        }
+        // The same settings as the whole run (no `shard` left); Hutch++ shards each paid the sketch.
+        let mut ms = merged.settings.clone();
+        let mut ws = whole.settings.clone();
+        let sketch_hvps = if est == Estimator::Hutchpp { 2 * 4 } else { 0 };
+        assert_eq!(ms["hvps"].as_u64().unwrap(), ws["hvps"].as_u64().unwrap() + 2 * sketch_hvps);
+        ms["hvps"] = serde_json::json!(0);
+        ws["hvps"] = serde_json::json!(0);
+        assert_eq!(ms, ws, "{est}");
+        // Order of the arguments does not matter.
+        shards.reverse();
+        assert_eq!(merge(&shards)?.to_json(), merged.to_json());
+        // Two of three shards: a valid, smaller pool that still says which part of the run it is.
+        let part = merge(&shards[..2])?;
+        assert_eq!(part.settings["shard"]["count"], 3);
+        assert_eq!(part.layers[0].probes, shards[0].1.layers[0].probes + shards[1].1.layers[0].probes);
+        // ...and it merges with the third into the same report.
+        let again = merge(&[(PathBuf::from("part.json"), part), shards[2].clone()])?;
+        for (a, b) in again.layers.iter().zip(&merged.layers) {
+            assert!(close(a.trace.unwrap(), b.trace.unwrap(), 1e-12) && a.probes == b.probes);
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn merge_reevaluates_the_stopping_rule() -> Result<()> {
+    let model = Mlp::new(6);
+    let data = calib(48)?;
+    let mut s = no_early_stop(Estimator::Hutchinson, 40);
+    s.trace.tol = 0.25;
+    s.trace.min_probes = 30;
+    let shards: Vec<(PathBuf, SensitivityReport)> = (0..2)
+        .map(|k| Ok((PathBuf::from(format!("s{k}")), estimate(&model, &data, &with_shard(&s, k, 2), &mut |_| {})?)))
+        .collect::<Result<_>>()?;
+    // 20 probes per shard are below min_probes: no shard layer has converged; the pool of 40 can.
+    assert!(shards.iter().all(|(_, r)| r.layers.iter().all(|l| !l.converged)));
+    let merged = merge(&shards)?;
+    let total: f64 = merged.layers.iter().map(|l| l.trace.unwrap().abs()).sum();
+    for l in &merged.layers {
+        let ci = l.extra["trace_ci95"].as_f64().unwrap();
+        let rule = l.probes >= 30 && (ci <= 0.25 * l.trace.unwrap().abs() || ci <= s.trace.tol_floor * total);
+        assert_eq!(l.converged, rule, "{}: ci {ci}, trace {:?}", l.name, l.trace);
+    }
+    assert!(merged.layers.iter().any(|l| l.converged), "pooled 40 probes at tol 0.25 should converge some layer: {:?}", merged.layers);
+    Ok(())
+}
+
+fn expect_err<T: std::fmt::Debug>(r: mixq::Result<T>, needles: &[&str]) {
+    let msg = format!("{:#}", r.expect_err("should be refused"));
+    for n in needles {
+        assert!(msg.contains(n), "error `{msg}` should mention `{n}`");
+    }
+}
+
+#[test]
+fn merge_and_shard_refuse_bad_input_with_clear_errors() -> Result<()> {
+    let model = Mlp::new(6);
+    let data = calib(32)?;
+    let s = no_early_stop(Estimator::Hutchinson, 8);
+    let shard = |s: &SensitivitySettings, m: &Mlp, k| estimate(m, &data, &with_shard(s, k, 2), &mut |_| {});
+    let a = (PathBuf::from("a.json"), shard(&s, &model, 0)?);
+    let b = (PathBuf::from("b.json"), shard(&s, &model, 1)?);
+    expect_err(merge(&[a.clone(), a.clone()]), &["a.json", "shard 0/2", "twice"]);
+    expect_err(merge(std::slice::from_ref(&a)), &["at least two"]);
+    let other_seed = SensitivitySettings { trace: TraceSettings { seed: 8, ..s.trace.clone() }, ..s.clone() };
+    expect_err(merge(&[a.clone(), (PathBuf::from("c.json"), shard(&other_seed, &model, 1)?)]), &["a.json", "c.json", "`seed`"]);
+    expect_err(merge(&[a.clone(), (PathBuf::from("d.json"), shard(&s, &Mlp::new(9), 1)?)]), &["d.json", "model weights"]);
+    let four = SensitivitySettings { trace: TraceSettings { shard: Shard { index: 1, count: 4 }, ..s.trace.clone() }, ..s.clone() };
+    expect_err(merge(&[a.clone(), (PathBuf::from("e.json"), estimate(&model, &data, &four, &mut |_| {})?)]), &["e.json", "shard counts"]);
+    let fisher = SensitivitySettings { estimators: vec![Estimator::Fisher], ..s.clone() };
+    let f = estimate(&model, &data, &fisher, &mut |_| {})?;
+    expect_err(merge(&[(PathBuf::from("f.json"), f), b.clone()]), &["f.json", "trace_stats"]);
+    // Shards: syntax, range, size, and estimators.
+    for (bad, why) in
+        [("1/0", "at least 1"), ("3/3", "below n"), ("a/2", "whole number"), ("2", "k/n"), ("-1/3", "whole number"), ("", "k/n")]
+    {
+        expect_err(bad.parse::<Shard>(), &[why]);
+    }
+    assert_eq!("2/5".parse::<Shard>()?, Shard { index: 2, count: 5 });
+    let tiny = SensitivitySettings { trace: TraceSettings { shard: Shard { index: 0, count: 5 }, ..s.trace.clone() }, ..s.clone() };
+    expect_err(estimate(&model, &data, &tiny, &mut |_| {}), &["at least 10"]);
+    let mixed = SensitivitySettings { estimators: vec![Estimator::Hutchinson, Estimator::Fisher], ..with_shard(&s, 0, 2) };
+    expect_err(estimate(&model, &data, &mixed, &mut |_| {}), &["one trace estimator", "hutchinson,fisher"]);
+    Ok(())
+}
+
+/// A resumable trace estimator: (state to resume from, checkpoint callback) → estimate.
+type Resumable<'a> = dyn Fn(Option<TraceState>, &mut dyn FnMut(&TraceState) -> mixq::Result<()>) -> mixq::Result<TraceEstimate> + 'a;
+
+/// An error returned by the checkpoint callback after `passes` passes, as a kill would stop the run.
+fn interrupted(run: &Resumable<'_>, passes: usize) -> TraceState {
+    let mut saved = None;
+    let mut n = 0;
+    let r = run(None, &mut |st| {
+        saved = Some(st.to_json());
+        n += 1;
+        if n == passes {
+            Err(mixq::Error::Unsupported("killed".into()))
+        } else {
+            Ok(())
+        }
+    });
+    assert!(r.is_err(), "the run should have been interrupted");
+    TraceState::from_json(&saved.unwrap(), Path::new("<checkpoint>")).unwrap()
+}
+
+#[test]
+fn resumed_estimators_equal_uninterrupted_ones() -> Result<()> {
+    let model = Mlp::new(7);
+    let data = calib(48)?;
+    let engine = HvpEngine::new(&model, &data, 16, Curvature::Hessian)?;
+    let s = TraceSettings { seed: 3, tol: 0.05, max_probes: 30, block: 2, sketch: 3, ..Default::default() };
+    let runs: [(&str, Box<Resumable>); 2] = [
+        ("hutchinson", Box::new(|from, ck| hutchinson_resumable(&engine, &s, from, ck, &mut |_| {}))),
+        ("hutchpp", Box::new(|from, ck| hutchpp_resumable(&engine, &s, from, ck, &mut |_| {}))),
+    ];
+    for (name, run) in &runs {
+        let whole = run(None, &mut |_| Ok(()))?;
+        let state = interrupted(run.as_ref(), 3);
+        assert_eq!(state.probes, 6, "{name}");
+        let resumed = run(Some(state), &mut |_| Ok(()))?;
+        assert_eq!(resumed, whole, "{name}: resumed run differs from the uninterrupted one");
+    }
+    // A checkpoint of another model is refused, not misread.
+    let wrong = TraceState::new(vec![0.0; 5], 0);
+    expect_err(hutchinson_resumable(&engine, &s, Some(wrong), &mut |_| Ok(()), &mut |_| {}), &["5 layers"]);
+    Ok(())
+}
+
+#[test]
+fn reports_are_cached_by_weights_data_and_settings() -> Result<()> {
+    let model = Mlp::new(8);
+    let data = calib(32)?;
+    let dir = scratch("cache");
+    let opts = RunOptions { cache_dir: Some(dir.clone()), checkpoint_every: std::time::Duration::ZERO, ..Default::default() };
+    let s = SensitivitySettings { estimators: vec![Estimator::Hutchinson], batch_size: 32, ..no_early_stop(Estimator::Hutchinson, 8) };
+    let first = estimate_with(&model, &data, &s, &opts, &mut |_| {})?;
+    assert_eq!(first.origin, Origin::Computed);
+    assert_eq!(first.json, estimate(&model, &data, &s, &mut |_| {})?.to_json(), "the cache does not change the report");
+    let second = estimate_with(&model, &data, &s, &opts, &mut |_| panic!("a cached report needs no probes"))?;
+    assert_eq!(second.origin, Origin::Cached(dir.join(format!("{}.json", first.key))));
+    assert_eq!(second.json, first.json);
+    // No checkpoint is left behind by a finished run.
+    let left: Vec<_> = std::fs::read_dir(&dir)?.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(left, vec![format!("{}.json", first.key)]);
+    // --no-cache recomputes; another seed, other weights or other data is another key.
+    let fresh = estimate_with(&model, &data, &s, &RunOptions { read_cache: false, ..opts.clone() }, &mut |_| {})?;
+    assert_eq!((fresh.origin, fresh.json), (Origin::Computed, first.json.clone()));
+    let seed = SensitivitySettings { trace: TraceSettings { seed: 99, ..s.trace.clone() }, ..s.clone() };
+    assert_eq!(estimate_with(&model, &data, &seed, &opts, &mut |_| {})?.origin, Origin::Computed);
+    assert_eq!(estimate_with(&Mlp::new(9), &data, &s, &opts, &mut |_| {})?.origin, Origin::Computed);
+    assert_eq!(estimate_with(&model, &calib(31)?, &s, &opts, &mut |_| {})?.origin, Origin::Computed);
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+fn mixq_cmd(home: &Path, args: &[&str]) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_mixq"));
+    c.args(args).current_dir(env!("CARGO_MANIFEST_DIR")).env("MIXQ_HOME", home).stdin(std::process::Stdio::null());
+    c
+}
+
+#[test]
+fn cli_killed_run_resumes_to_the_same_report_and_shards_merge() -> Result<()> {
+    let dir = scratch("cli");
+    let (home_a, home_b) = (dir.join("a"), dir.join("b"));
+    let base = ["sensitivity", "--model", "tests/fixtures/tiny_cnn.pt", "--data", "digits:calib", "--tol", "1e-9", "--tol-floor", "0"];
+    let out = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    let run = |home: &Path, extra: &[&str]| -> Result<(std::process::Output, String)> {
+        let o = mixq_cmd(home, &[&base[..], extra].concat()).output()?;
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        Ok((o, err))
+    };
+    // Kill a run (SIGKILL: no chance to clean up) as soon as it has checkpointed its first pass
+    // of 4 probes (of 16).
+    let ckpt_dir = home_a.join("cache/sensitivity");
+    let mut child = mixq_cmd(&home_a, &[&base[..], &["--max-probes", "16", "--checkpoint-every", "0", "-o", &out("killed.json")]].concat())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let t0 = std::time::Instant::now();
+    let partial = loop {
+        let found = std::fs::read_dir(&ckpt_dir)
+            .ok()
+            .and_then(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).find(|p| p.to_string_lossy().ends_with(".partial.json")));
+        if let Some(p) = found {
+            break p;
+        }
+        assert!(t0.elapsed().as_secs() < 120, "no checkpoint after 120 s");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    };
+    child.kill()?;
+    child.wait()?;
+    assert!(partial.exists() && !dir.join("killed.json").exists(), "the run should have been killed mid-way");
+    let (o, err) = run(&home_a, &["--max-probes", "16", "--checkpoint-every", "0", "--resume", "-o", &out("resumed.json")])?;
+    assert!(o.status.success() && err.contains("resumed after"), "{err}");
+    assert!(!partial.exists(), "the finished run removes its checkpoint");
+    let (o, err) = run(&home_b, &["--max-probes", "16", "-o", &out("whole.json")])?;
+    assert!(o.status.success(), "{err}");
+    assert_eq!(std::fs::read(dir.join("resumed.json"))?, std::fs::read(dir.join("whole.json"))?, "resumed vs uninterrupted report");
+    // A second identical run comes from the cache, byte for byte.
+    let (o, err) = run(&home_b, &["--max-probes", "16", "-o", &out("again.json")])?;
+    assert!(o.status.success() && err.contains("reusing the cached"), "{err}");
+    assert_eq!(std::fs::read(dir.join("again.json"))?, std::fs::read(dir.join("whole.json"))?);
+    // Shards through the CLI, and their merge.
+    for k in ["0/2", "1/2"] {
+        let (o, err) = run(&home_b, &["--max-probes", "8", "--shard", k, "-o", &out(&format!("shard{}.json", &k[..1]))])?;
+        assert!(o.status.success(), "{err}");
+    }
+    let m = mixq_cmd(&home_b, &["sensitivity", "merge", &out("shard0.json"), &out("shard1.json"), "-o", &out("merged.json")]).output()?;
+    assert!(m.status.success(), "{}", String::from_utf8_lossy(&m.stderr));
+    let merged = SensitivityReport::load(&dir.join("merged.json"))?;
+    assert!(merged.settings.get("shard").is_none() && merged.layers.iter().all(|l| l.probes == 8));
+    // Bad input: a clear message, a failure exit, no panic, no file.
+    for (args, needle) in [
+        (vec!["--shard", "2/2"], "k must be below n"),
+        (vec!["--shard", "x"], "expected k/n"),
+        (vec!["--shard", "0/2", "--estimator", "hutchinson,fisher"], "one trace estimator"),
+        (vec!["--checkpoint-every=-1"], "--checkpoint-every"),
+    ] {
+        let (o, err) = run(&home_b, &[&args[..], &["-o", &out("bad.json")]].concat())?;
+        assert!(!o.status.success() && err.contains(needle) && !err.contains("panicked"), "{args:?}: {err}");
+        assert!(!dir.join("bad.json").exists());
+    }
+    let s0 = out("shard0.json");
+    let m = mixq_cmd(&home_b, &["sensitivity", "merge", &s0, &s0, "-o", &out("bad.json")]).output()?;
+    let err = String::from_utf8_lossy(&m.stderr);
+    assert!(!m.status.success() && err.contains("shard0.json") && err.contains("twice"), "{err}");
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}

@@ -1,9 +1,9 @@
 //! `mixq search`: the whole pipeline in one command — sensitivity → cost table → exact
 //! allocation → config → evaluation of the mixed model beside uniform baselines.
 
-use super::allocate::{constraints, render as render_allocation, ConstraintArgs};
-use super::{metrics_row, metrics_table, progress, ModelArgs};
-use crate::alloc::{solve, SolverKind};
+use super::allocate::{constraints, render as render_allocation, render_robust, robust_provenance, ConstraintArgs};
+use super::{metrics_row, metrics_table, ModelArgs};
+use crate::alloc::{compare_robust, solve, SolverKind};
 use crate::config::{LayerSetting, ModelRef, QuantConfig};
 use crate::cost::{default_candidates, parse_candidates, BuildOptions, CostTable, Proxy};
 use crate::eval::{self, Reference};
@@ -55,9 +55,17 @@ pub struct SearchArgs {
     /// Where the config is written (atomically).
     #[arg(short, long, default_value = "mixq-config.json")]
     pub output: PathBuf,
+    /// Recompute the sensitivities even when an identical run is cached (under
+    /// `$MIXQ_HOME/cache/sensitivity/`), and replace the cached report.
+    #[arg(long)]
+    pub no_cache: bool,
     /// Also write the sensitivity report here.
     #[arg(long)]
     pub sens_output: Option<PathBuf>,
+    /// Robust mode: allocate with each layer's upper confidence bound Tr + Z·s.e. (Z defaults to
+    /// 1.96), report which layers change against the nominal allocation, and evaluate both.
+    #[arg(long, value_name = "Z", num_args = 0..=1, default_missing_value = "1.96")]
+    pub robust: Option<f64>,
 }
 
 /// Runs `mixq search`.
@@ -65,6 +73,9 @@ pub fn run(a: SearchArgs) -> Result<()> {
     let estimator: Estimator = a.estimator.parse()?;
     if !matches!(estimator, Estimator::Hutchinson | Estimator::Hutchpp) {
         bail!("--estimator {estimator}: search needs Hessian traces; use hutchpp or hutchinson (other proxies: `mixq sensitivity` + `mixq allocate --proxy`)");
+    }
+    if let Some(z) = a.robust {
+        crate::cost::check_robust_z(z)?;
     }
     let cons = constraints(&a.constraints, &a.budgets)?;
     let candidates = match &a.formats {
@@ -82,14 +93,15 @@ pub fn run(a: SearchArgs) -> Result<()> {
         trace: TraceSettings { tol: a.tol, max_probes: a.max_probes, seed: a.seed, ..TraceSettings::default() },
         ..SensitivitySettings::default()
     };
-    let bar = progress::bar(a.max_probes, "sensitivity");
     let start = Instant::now();
-    let report = sensitivity::estimate(model.as_ref(), &calib, &settings, &mut |p| {
-        bar.set_position(p.probes);
-        bar.set_message(format!("{} layers converged", p.converged));
-    })
-    .with_context(|| format!("sensitivity of {} on {}", model.name(), calib.name))?;
-    bar.finish_and_clear();
+    let opts = sensitivity::RunOptions {
+        cache_dir: Some(sensitivity::report::default_cache_dir()),
+        read_cache: !a.no_cache,
+        ..Default::default()
+    };
+    let report = super::sensitivity::estimate_cached(model.as_ref(), &calib, &settings, &opts, "sensitivity")
+        .with_context(|| format!("sensitivity of {} on {}", model.name(), calib.name))?
+        .report;
     let hvps = report.settings["hvps"].as_u64().unwrap_or(0);
     let unconverged = report.layers.iter().filter(|l| !l.converged).count();
     eprintln!(
@@ -107,13 +119,15 @@ pub fn run(a: SearchArgs) -> Result<()> {
     }
 
     // 2. Costs and allocation.
-    let table = CostTable::build(
-        model.as_ref(),
-        &report,
-        &candidates,
-        &BuildOptions { proxy: Proxy::Hessian, activation_bits: 32, latency: None },
-    )?;
-    let alloc = solve(&table, &cons, a.solver)?;
+    let opts = BuildOptions { proxy: Proxy::Hessian, activation_bits: 32, latency: None, robust_z: None };
+    let (alloc, cmp) = match a.robust {
+        Some(z) => {
+            let (nominal, robust) = CostTable::build_nominal_and_robust(model.as_ref(), &report, &candidates, &opts, z)?;
+            let cmp = compare_robust(&nominal, &robust, z, &cons, a.solver)?;
+            (cmp.robust.clone(), Some(cmp))
+        }
+        None => (solve(&CostTable::build(model.as_ref(), &report, &candidates, &opts)?, &cons, a.solver)?, None),
+    };
     let mut config =
         alloc.to_config(Some(ModelRef { name: model.name().to_string(), weights_sha256: Some(report.model_sha256.clone()) }))?;
     config.provenance.insert("command".into(), json!(std::env::args().collect::<Vec<_>>().join(" ")));
@@ -123,6 +137,9 @@ pub fn run(a: SearchArgs) -> Result<()> {
                "max_probes": a.max_probes, "hvps": hvps, "layers_converged": report.layers.len() - unconverged}),
     );
     config.provenance.insert("candidates".into(), json!(candidates.iter().map(crate::cost::spec_label).collect::<Vec<_>>()));
+    if let Some(cmp) = &cmp {
+        config.provenance.insert("robust".into(), robust_provenance(cmp));
+    }
     config.save(&a.output)?;
 
     println!(
@@ -147,6 +164,10 @@ pub fn run(a: SearchArgs) -> Result<()> {
     println!();
     println!("Allocation ({}):", a.budgets.join(", "));
     print!("{}", render_allocation(&alloc));
+    if let Some(cmp) = &cmp {
+        println!();
+        print!("{}", render_robust(cmp));
+    }
     println!("config written to {}", a.output.display());
     println!();
 
@@ -154,7 +175,13 @@ pub fn run(a: SearchArgs) -> Result<()> {
     let reference = Reference::compute(model.as_ref(), &eval_data)?;
     let mut rows = Vec::new();
     let (mixed, mixed_size) = eval::evaluate_config(model.as_ref(), &eval_data, &reference, &config)?;
-    rows.push((mixed_size.total_bytes, metrics_row("mixed (this search)".into(), &mixed, &mixed_size)));
+    let label = if cmp.is_some() { "mixed (this search, robust)" } else { "mixed (this search)" };
+    rows.push((mixed_size.total_bytes, metrics_row(label.into(), &mixed, &mixed_size)));
+    if let Some(cmp) = cmp.as_ref().filter(|c| !c.changed.is_empty()) {
+        let nominal = cmp.nominal.to_config(None)?;
+        let (r, size) = eval::evaluate_config(model.as_ref(), &eval_data, &reference, &nominal)?;
+        rows.push((size.total_bytes, metrics_row("mixed (nominal)".into(), &r, &size)));
+    }
     for spec in &candidates {
         let uniform = QuantConfig::uniform(LayerSetting::weight(*spec));
         match eval::evaluate_config(model.as_ref(), &eval_data, &reference, &uniform) {

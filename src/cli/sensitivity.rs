@@ -1,18 +1,27 @@
-//! `mixq sensitivity`: per-layer curvature and proxies → a `mixq.sensitivity-report` JSON.
+//! `mixq sensitivity`: per-layer curvature and proxies → a `mixq.sensitivity-report` JSON;
+//! cached, resumable, shardable; `mixq sensitivity merge` pools shards.
 
 use super::progress;
 use super::table::{thousands, Table};
 use super::ModelArgs;
+use crate::model::data::Dataset;
+use crate::model::QuantModel;
 use crate::quant::{Format, Granularity};
-use crate::sensitivity::{self, Curvature, EigenSettings, Estimator, SensitivityReport, SensitivitySettings, TraceSettings};
+use crate::sensitivity::{
+    self, Curvature, EigenSettings, Estimated, Estimator, Origin, RunOptions, SensitivityReport, SensitivitySettings, Shard, TraceSettings,
+};
 use anyhow::{Context, Result};
-use clap::Args;
+use clap::{Args, Subcommand};
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// `mixq sensitivity`.
 #[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct SensitivityArgs {
+    /// `merge`: pool shard reports (otherwise: estimate).
+    #[command(subcommand)]
+    pub action: Option<SensitivityAction>,
     /// A zoo model name (`digits-resnet`) or a TorchScript file (`.pt`).
     #[arg(long, default_value = "digits-resnet")]
     pub model: String,
@@ -60,6 +69,44 @@ pub struct SensitivityArgs {
     /// Print the JSON report on stdout instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Run only shard k of n (e.g. `--shard 0/4`): the probes j < --max-probes with j ≡ k (mod n),
+    /// all of them (no early stop). One trace estimator only; pool the n reports with
+    /// `mixq sensitivity merge`. Hutch++ shards each recompute the same sketch.
+    #[arg(long)]
+    pub shard: Option<String>,
+    /// Continue an interrupted run with the same model, data and settings from its last
+    /// checkpoint (same report as an uninterrupted run).
+    #[arg(long)]
+    pub resume: bool,
+    /// Recompute even if a report of the same model weights, data and settings is cached in
+    /// $MIXQ_HOME/cache/sensitivity (the new report replaces it).
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Seconds between checkpoints of the running probe statistics (0: after every pass).
+    #[arg(long, default_value_t = 10.0)]
+    pub checkpoint_every: f64,
+}
+
+/// Subcommands of `mixq sensitivity`.
+#[derive(Subcommand, Debug)]
+pub enum SensitivityAction {
+    /// Pool the reports of disjoint shards of one run (`--shard k/n`) into one report: pooled
+    /// mean and variance, standard error, CI, probes, converged re-evaluated with the run's tol.
+    Merge(MergeArgs),
+}
+
+/// `mixq sensitivity merge`.
+#[derive(Args, Debug)]
+pub struct MergeArgs {
+    /// Shard reports of the same model, data and settings.
+    #[arg(required = true, num_args = 2..)]
+    pub reports: Vec<PathBuf>,
+    /// Write the merged report (JSON) here, atomically.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Print the JSON report on stdout instead of the table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 fn settings(a: &SensitivityArgs) -> Result<SensitivitySettings> {
@@ -74,13 +121,17 @@ fn settings(a: &SensitivityArgs) -> Result<SensitivitySettings> {
         max_probes: a.max_probes,
         seed: a.seed,
         sketch: a.sketch,
+        shard: match &a.shard {
+            Some(s) => s.parse::<Shard>()?,
+            None => Shard::default(),
+        },
         ..Default::default()
     };
     trace.validate()?;
     if a.batch_size == 0 {
         anyhow::bail!("--batch-size must be at least 1");
     }
-    Ok(SensitivitySettings {
+    let s = SensitivitySettings {
         estimators,
         curvature,
         batch_size: a.batch_size,
@@ -88,16 +139,35 @@ fn settings(a: &SensitivityArgs) -> Result<SensitivitySettings> {
         eigen: EigenSettings { seed: a.seed, ..Default::default() },
         formats,
         granularity,
+    };
+    sensitivity::validate(&s)?;
+    Ok(s)
+}
+
+fn run_options(a: &SensitivityArgs) -> Result<RunOptions> {
+    let every = Duration::try_from_secs_f64(a.checkpoint_every)
+        .map_err(|_| anyhow::anyhow!("--checkpoint-every {}: give seconds ≥ 0, e.g. 10", a.checkpoint_every))?;
+    Ok(RunOptions {
+        cache_dir: Some(sensitivity::report::default_cache_dir()),
+        read_cache: !a.no_cache,
+        resume: a.resume,
+        checkpoint_every: every,
     })
 }
 
-/// Runs `mixq sensitivity`.
-pub fn run(a: SensitivityArgs) -> Result<()> {
-    let settings = settings(&a)?;
-    let (model, data) = super::load(&ModelArgs { model: a.model.clone(), data: a.data.clone() })?;
-    let bar = progress::bar(settings.trace.max_probes, "probes");
-    let start = Instant::now();
-    let report = sensitivity::estimate(model.as_ref(), &data, &settings, &mut |p| {
+/// Estimates with the report cache and checkpoints (what `mixq sensitivity` and `mixq search`
+/// share): a progress bar while probing, and a line on stderr when the report comes from the
+/// cache or a checkpoint.
+pub fn estimate_cached(
+    model: &dyn QuantModel,
+    data: &Dataset,
+    settings: &SensitivitySettings,
+    opts: &RunOptions,
+    what: &str,
+) -> Result<Estimated> {
+    let t = &settings.trace;
+    let bar = progress::bar(t.shard.share(t.max_probes), what);
+    let est = sensitivity::estimate_with(model, data, settings, opts, &mut |p| {
         bar.set_position(p.probes);
         bar.set_message(if p.worst_rel_ci.is_finite() && p.worst_rel_ci > 0.0 {
             format!("worst layer CI ±{:.1} %, {} converged", 100.0 * p.worst_rel_ci, p.converged)
@@ -107,20 +177,80 @@ pub fn run(a: SensitivityArgs) -> Result<()> {
     })
     .with_context(|| format!("sensitivity of {} on {}", model.name(), data.name))?;
     bar.finish_and_clear();
+    match &est.origin {
+        Origin::Cached(p) => eprintln!(
+            "{}: reusing the cached sensitivity report {} (same weights, data and settings; --no-cache recomputes)",
+            model.name(),
+            p.display()
+        ),
+        Origin::Resumed { checkpoint, probes } => {
+            eprintln!("{}: resumed after {probes} probes from the checkpoint {}", model.name(), checkpoint.display())
+        }
+        Origin::Computed => {}
+    }
+    Ok(est)
+}
+
+/// Runs `mixq sensitivity`.
+pub fn run(a: SensitivityArgs) -> Result<()> {
+    if let Some(SensitivityAction::Merge(m)) = a.action {
+        return merge(m);
+    }
+    let settings = settings(&a)?;
+    let opts = run_options(&a)?;
+    let (model, data) = super::load(&ModelArgs { model: a.model.clone(), data: a.data.clone() })?;
+    let start = Instant::now();
+    let est = estimate_cached(model.as_ref(), &data, &settings, &opts, "probes")?;
+    let report = &est.report;
     let elapsed = start.elapsed().as_secs_f64();
     if let Some(out) = &a.output {
-        report.save(out)?;
+        crate::util::write_atomic(out, est.json.as_bytes())?;
     }
-    let hvps = report.settings["hvps"].as_u64().unwrap_or(0);
-    eprintln!("{}: {} curvature-vector products in {:.1} s on {} samples", model.name(), hvps, elapsed, data.len());
+    if est.origin == Origin::Computed || matches!(est.origin, Origin::Resumed { .. }) {
+        let hvps = report.settings["hvps"].as_u64().unwrap_or(0);
+        eprintln!("{}: {} curvature-vector products in {:.1} s on {} samples", model.name(), hvps, elapsed, data.len());
+    }
+    let shard = settings.trace.shard;
+    if !shard.is_whole() {
+        eprintln!(
+            "shard {shard}: {} of {} probes; pool the {} shard reports with `mixq sensitivity merge`",
+            shard.share(settings.trace.max_probes),
+            settings.trace.max_probes,
+            shard.count
+        );
+    }
     if a.json {
-        print!("{}", report.to_json());
+        print!("{}", est.json);
         return Ok(());
     }
-    print!("{}", render(&report));
+    print!("{}", render(report));
     if let Some(out) = &a.output {
         println!("report written to {}", out.display());
     }
+    Ok(())
+}
+
+fn merge(m: MergeArgs) -> Result<()> {
+    let inputs = m.reports.iter().map(|p| Ok((p.clone(), SensitivityReport::load(p)?))).collect::<Result<Vec<_>>>()?;
+    let merged = sensitivity::merge(&inputs)?;
+    merged.save(&m.output)?;
+    let shard = &merged.settings["shard"];
+    eprintln!(
+        "merged {} reports: {} probes{}",
+        inputs.len(),
+        merged.settings["probes"],
+        if shard.is_null() {
+            String::new()
+        } else {
+            format!(" (still a part of the run: shards {} of {})", shard["indices"], shard["count"])
+        }
+    );
+    if m.json {
+        print!("{}", merged.to_json());
+        return Ok(());
+    }
+    print!("{}", render(&merged));
+    println!("report written to {}", m.output.display());
     Ok(())
 }
 

@@ -18,12 +18,83 @@
 //! Tr(P_i H) = Σ_j (q_j)_i·(Hq_j)_i + Σ_j (q_j)_i·(RHq_j)_i + Tr(P_i RHR).
 //! The first two terms are exact given HQ (k more products); the last is estimated by Hutchinson
 //! on Rg, whose variance no longer contains the dominant curvature directions.
+//!
+//! **Resuming and sharding.** Probe j is drawn from (seed, j) alone ([`rademacher`]), and all a
+//! run carries from pass to pass is a [`TraceState`] (per-layer Welford sums and the probe
+//! count). So a run can be checkpointed after any pass and continued later with the same result,
+//! and `n` machines can each run the probes j ≡ k (mod n) ([`Shard`]) and pool their sums
+//! afterwards ([`crate::sensitivity::report::merge`]). A shard runs its whole share (no early
+//! stop): the stopping rule is a statement about the pooled statistics, so it is re-evaluated
+//! at the merge. Hutch++ shards too: the sketch depends only on the seed, so every shard
+//! recomputes the same sketch (2k products each) and draws its own share of residual probes;
+//! the merge checks that the shards' exact parts agree.
 
 use super::hvp::HvpEngine;
 use super::stats::{rademacher, stream, t975, Welford};
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
+use std::str::FromStr;
 use tch::{Kind, Tensor};
+
+/// Which share of the probes a run draws: probe indices j < `max_probes` with j ≡ `index`
+/// (mod `count`). `0/1` is the whole run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shard {
+    /// k, in 0..count.
+    pub index: u64,
+    /// n ≥ 1.
+    pub count: u64,
+}
+
+impl Default for Shard {
+    fn default() -> Self {
+        Shard { index: 0, count: 1 }
+    }
+}
+
+impl Shard {
+    /// Whether this is the whole run (`0/1`).
+    pub fn is_whole(&self) -> bool {
+        self.count == 1
+    }
+
+    /// How many of the probe indices 0..total belong to this shard.
+    pub fn share(&self, total: u64) -> u64 {
+        if total > self.index {
+            (total - self.index).div_ceil(self.count)
+        } else {
+            0
+        }
+    }
+
+    /// The global probe index of this shard's `j`-th probe.
+    pub fn global(&self, j: u64) -> u64 {
+        self.index + j * self.count
+    }
+}
+
+impl std::fmt::Display for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+impl FromStr for Shard {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = |msg: &str| Error::invalid("shard", s, msg);
+        let (k, n) = s.split_once('/').ok_or_else(|| bad("expected k/n, e.g. 0/4 for the first of four shards"))?;
+        let k: u64 = k.trim().parse().map_err(|_| bad("k in k/n must be a whole number ≥ 0, e.g. 0/4"))?;
+        let n: u64 = n.trim().parse().map_err(|_| bad("n in k/n must be a whole number ≥ 1, e.g. 0/4"))?;
+        if n == 0 {
+            return Err(bad("n must be at least 1"));
+        }
+        if k >= n {
+            return Err(bad(&format!("k must be below n: the shards of {n} are 0/{n} … {}/{n}", n - 1)));
+        }
+        Ok(Shard { index: k, count: n })
+    }
+}
 
 /// Settings of the trace estimators.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -42,11 +113,14 @@ pub struct TraceSettings {
     pub seed: u64,
     /// Hutch++ sketch size k (ignored by Hutchinson).
     pub sketch: u64,
+    /// The share of the probes this run draws.
+    #[serde(default)]
+    pub shard: Shard,
 }
 
 impl Default for TraceSettings {
     fn default() -> Self {
-        TraceSettings { tol: 0.05, tol_floor: 1e-3, min_probes: 10, max_probes: 200, block: 4, seed: 0, sketch: 8 }
+        TraceSettings { tol: 0.05, tol_floor: 1e-3, min_probes: 10, max_probes: 200, block: 4, seed: 0, sketch: 8, shard: Shard::default() }
     }
 }
 
@@ -64,6 +138,24 @@ impl TraceSettings {
         }
         if self.block == 0 {
             return Err(Error::invalid("block", "0", "must be at least 1"));
+        }
+        let sh = self.shard;
+        if sh.count == 0 || sh.index >= sh.count {
+            return Err(Error::invalid("shard", sh.to_string(), "expected k/n with 0 ≤ k < n"));
+        }
+        // The last shard has the fewest probes; every shard needs two for a standard error.
+        let fewest = Shard { index: sh.count - 1, ..sh }.share(self.max_probes);
+        if fewest < 2 {
+            return Err(Error::invalid(
+                "shard",
+                sh.to_string(),
+                format!(
+                    "{} probes split {} ways leave {fewest} probe(s) to a shard; each shard needs at least 2: raise --max-probes to at least {}",
+                    self.max_probes,
+                    sh.count,
+                    sh.count.saturating_mul(2)
+                ),
+            ));
         }
         Ok(())
     }
@@ -91,9 +183,69 @@ pub struct TraceEstimate {
     pub layers: Vec<LayerTrace>,
     /// Random probes used (residual probes for Hutch++).
     pub probes: u64,
-    /// Curvature–vector products used, sketch included.
+    /// Curvature–vector products used, sketch included (for a resumed run: as if it had not
+    /// been interrupted).
     pub hvps: u64,
+    /// The final state: the per-layer sums a merge pools.
+    #[serde(skip)]
+    pub state: TraceState,
 }
+
+/// Everything a trace estimation carries from one pass to the next: enough to checkpoint a run
+/// and continue it later with the same result, or to pool shards.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TraceState {
+    /// This run's (shard's) probes so far.
+    pub probes: u64,
+    /// Curvature–vector products so far, sketch included.
+    pub hvps: u64,
+    /// The exact part of each layer's trace (Hutch++'s sketch terms; zeros for Hutchinson).
+    pub offset: Vec<f64>,
+    /// Running statistics of each layer's random samples.
+    pub stats: Vec<Welford>,
+}
+
+impl TraceState {
+    /// The state before the first probe.
+    pub fn new(offset: Vec<f64>, hvps: u64) -> Self {
+        let stats = vec![Welford::default(); offset.len()];
+        TraceState { probes: 0, hvps, offset, stats }
+    }
+
+    /// JSON with every float as its exact bit pattern (hex), so that a resumed run continues
+    /// from exactly the numbers it stopped at: decimal floats need not parse back bit for bit.
+    pub fn to_json(&self) -> serde_json::Value {
+        let hex = |x: f64| format!("{:016x}", x.to_bits());
+        serde_json::json!({
+            "probes": self.probes,
+            "hvps": self.hvps,
+            "offset": self.offset.iter().map(|&o| hex(o)).collect::<Vec<_>>(),
+            "stats": self.stats.iter().map(|w| serde_json::json!([w.n, hex(w.mean), hex(w.m2)])).collect::<Vec<_>>(),
+        })
+    }
+
+    /// Reads [`TraceState::to_json`]; `origin` names the file in errors.
+    pub fn from_json(v: &serde_json::Value, origin: &std::path::Path) -> Result<Self> {
+        let bad = || Error::parse(origin, "malformed trace state in checkpoint: delete the file, or run without --resume");
+        let float = |v: &serde_json::Value| v.as_str().and_then(|s| u64::from_str_radix(s, 16).ok()).map(f64::from_bits).ok_or_else(bad);
+        let probes = v["probes"].as_u64().ok_or_else(bad)?;
+        let hvps = v["hvps"].as_u64().ok_or_else(bad)?;
+        let offset = v["offset"].as_array().ok_or_else(bad)?.iter().map(float).collect::<Result<Vec<_>>>()?;
+        let stats = v["stats"]
+            .as_array()
+            .ok_or_else(bad)?
+            .iter()
+            .map(|w| Ok(Welford { n: w[0].as_u64().ok_or_else(bad)?, mean: float(&w[1])?, m2: float(&w[2])? }))
+            .collect::<Result<Vec<_>>>()?;
+        if stats.len() != offset.len() || stats.iter().any(|w| w.n != probes) {
+            return Err(bad());
+        }
+        Ok(TraceState { probes, hvps, offset, stats })
+    }
+}
+
+/// Called with the state after every pass; an error aborts the run (and is returned).
+pub type Checkpoint<'a> = &'a mut dyn FnMut(&TraceState) -> Result<()>;
 
 /// What a progress callback sees after each pass.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -107,7 +259,7 @@ pub struct Progress {
 }
 
 /// Per-layer statistics of the random part, plus an exact offset (Hutch++'s deterministic part).
-fn summarize(offset: &[f64], stats: &[Welford], s: &TraceSettings) -> (Vec<LayerTrace>, Progress) {
+pub(crate) fn summarize(offset: &[f64], stats: &[Welford], s: &TraceSettings) -> (Vec<LayerTrace>, Progress) {
     let traces: Vec<f64> = offset.iter().zip(stats).map(|(o, w)| o + w.mean).collect();
     let total_abs: f64 = traces.iter().map(|t| t.abs()).sum();
     let mut worst: f64 = 0.0;
@@ -137,28 +289,91 @@ fn layer_dot(a: &Tensor, b: &Tensor) -> f64 {
 
 /// Hutchinson's estimator of every layer's Hessian trace, stopped by the CI rule.
 pub fn hutchinson(engine: &HvpEngine<'_>, s: &TraceSettings, progress: &mut dyn FnMut(&Progress)) -> Result<TraceEstimate> {
+    hutchinson_resumable(engine, s, None, &mut |_| Ok(()), progress)
+}
+
+/// [`hutchinson`], continued from `from` (a state an earlier run with the same settings passed
+/// to its checkpoint callback) and calling `checkpoint` after every pass.
+pub fn hutchinson_resumable(
+    engine: &HvpEngine<'_>,
+    s: &TraceSettings,
+    from: Option<TraceState>,
+    checkpoint: Checkpoint<'_>,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<TraceEstimate> {
     s.validate()?;
-    let start = engine.hvp_count();
     let shapes = engine.shapes();
-    let nl = shapes.len();
-    let offset = vec![0.0; nl];
-    let mut stats = vec![Welford::default(); nl];
-    let mut k = 0u64;
-    loop {
-        let m = s.block.min(s.max_probes - k);
-        let probes: Vec<Vec<Tensor>> = (k..k + m).map(|i| rademacher(&shapes, s.seed, stream::HUTCHINSON, i)).collect();
+    let state = match from {
+        Some(st) => check_resumed(st, shapes.len(), None)?,
+        None => TraceState::new(vec![0.0; shapes.len()], 0),
+    };
+    run_passes(s, state, checkpoint, progress, &mut |idx| {
+        let probes: Vec<Vec<Tensor>> = idx.iter().map(|&i| rademacher(&shapes, s.seed, stream::HUTCHINSON, i)).collect();
         let hvs = engine.hvp_many(&probes)?;
-        for (v, hv) in probes.iter().zip(&hvs) {
-            for (i, w) in stats.iter_mut().enumerate() {
-                w.push(layer_dot(&v[i], &hv[i]));
+        Ok(probes.iter().zip(&hvs).map(|(v, hv)| v.iter().zip(hv).map(|(a, b)| layer_dot(a, b)).collect()).collect())
+    })
+}
+
+/// Checks that a state to resume from fits this model (and, for Hutch++, this sketch).
+fn check_resumed(st: TraceState, layers: usize, offset: Option<&[f64]>) -> Result<TraceState> {
+    if st.stats.len() != layers || st.offset.len() != layers {
+        return Err(Error::invalid(
+            "resume",
+            format!("{} layers", st.stats.len()),
+            format!("the checkpoint is of a model with {} layers, this one has {layers}: run without --resume", st.stats.len()),
+        ));
+    }
+    if let Some(now) = offset {
+        let total: f64 = now.iter().map(|o| o.abs()).sum();
+        let worst = st.offset.iter().zip(now).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        if worst > SKETCH_AGREEMENT * total.max(f64::MIN_POSITIVE) {
+            return Err(Error::invalid(
+                "resume",
+                "hutchpp",
+                format!("the recomputed Hutch++ sketch differs from the checkpoint's by {worst:.3e} (of Σ|offset| {total:.3e}): different hardware or libtorch? run without --resume"),
+            ));
+        }
+    }
+    Ok(st)
+}
+
+/// Relative agreement (of Σ|exact part|) required of two computations of the same Hutch++
+/// sketch: bit-identical on one machine, float32 rounding apart across machines.
+pub const SKETCH_AGREEMENT: f64 = 1e-4;
+
+/// Per-layer samples of the probes with the given global indices, one row per probe.
+type Samples<'a> = &'a mut dyn FnMut(&[u64]) -> Result<Vec<Vec<f64>>>;
+
+/// The loop shared by both estimators: passes of `s.block` probes (global indices of this
+/// shard) through `samples`, which returns per probe the per-layer samples; after each pass the
+/// checkpoint, the progress callback, and the stopping rule (a shard runs its whole share).
+fn run_passes(
+    s: &TraceSettings,
+    mut st: TraceState,
+    checkpoint: Checkpoint<'_>,
+    progress: &mut dyn FnMut(&Progress),
+    samples: Samples<'_>,
+) -> Result<TraceEstimate> {
+    let limit = s.shard.share(s.max_probes);
+    let nl = st.stats.len();
+    loop {
+        if st.probes > 0 {
+            let (layers, p) = summarize(&st.offset, &st.stats, s);
+            progress(&p);
+            if st.probes >= limit || (s.shard.is_whole() && p.converged == nl) {
+                return Ok(TraceEstimate { layers, probes: st.probes, hvps: st.hvps, state: st });
             }
         }
-        k += m;
-        let (layers, p) = summarize(&offset, &stats, s);
-        progress(&p);
-        if p.converged == nl || k >= s.max_probes {
-            return Ok(TraceEstimate { layers, probes: k, hvps: engine.hvp_count() - start });
+        let m = s.block.min(limit - st.probes);
+        let idx: Vec<u64> = (st.probes..st.probes + m).map(|j| s.shard.global(j)).collect();
+        for sample in samples(&idx)? {
+            for (w, x) in st.stats.iter_mut().zip(sample) {
+                w.push(x);
+            }
         }
+        st.probes += m;
+        st.hvps += m;
+        checkpoint(&st)?;
     }
 }
 
@@ -187,6 +402,18 @@ fn layer_dots(a: &Tensor, b: &Tensor, shapes: &[Vec<i64>]) -> Vec<f64> {
 /// The Hutch++-style estimator adapted to per-layer traces (see the module docs): `s.sketch`
 /// sketch products, as many for HQ, then residual probes until the CI rule holds.
 pub fn hutchpp(engine: &HvpEngine<'_>, s: &TraceSettings, progress: &mut dyn FnMut(&Progress)) -> Result<TraceEstimate> {
+    hutchpp_resumable(engine, s, None, &mut |_| Ok(()), progress)
+}
+
+/// [`hutchpp`], continued from `from` and calling `checkpoint` after every pass. The sketch is
+/// recomputed on resume (it depends only on the seed) and must agree with the checkpoint's.
+pub fn hutchpp_resumable(
+    engine: &HvpEngine<'_>,
+    s: &TraceSettings,
+    from: Option<TraceState>,
+    checkpoint: Checkpoint<'_>,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<TraceEstimate> {
     s.validate()?;
     let start = engine.hvp_count();
     let shapes = engine.shapes();
@@ -222,25 +449,15 @@ pub fn hutchpp(engine: &HvpEngine<'_>, s: &TraceSettings, progress: &mut dyn FnM
             None => col,
         }
     };
-    let mut stats = vec![Welford::default(); nl];
-    let mut m_done = 0u64;
-    loop {
-        let m = s.block.min(s.max_probes - m_done);
+    let state = match from {
+        Some(st) => check_resumed(st, nl, Some(&offset))?,
+        None => TraceState::new(offset, engine.hvp_count() - start),
+    };
+    run_passes(s, state, checkpoint, progress, &mut |idx| {
         let rg: Vec<Tensor> =
-            (m_done..m_done + m).map(|i| project(flat(&rademacher(&shapes, s.seed, stream::RESIDUAL, i)).to_kind(Kind::Double))).collect();
+            idx.iter().map(|&i| project(flat(&rademacher(&shapes, s.seed, stream::RESIDUAL, i)).to_kind(Kind::Double))).collect();
         let probes: Vec<Vec<Tensor>> = rg.iter().map(|c| unflat(&c.to_kind(Kind::Float), &shapes)).collect();
         let hvs = engine.hvp_many(&probes)?;
-        for (g, hv) in rg.iter().zip(&hvs) {
-            let rhrg = project(flat(hv).to_kind(Kind::Double));
-            for (w, d) in stats.iter_mut().zip(layer_dots(g, &rhrg, &shapes)) {
-                w.push(d);
-            }
-        }
-        m_done += m;
-        let (layers, p) = summarize(&offset, &stats, s);
-        progress(&p);
-        if p.converged == nl || m_done >= s.max_probes {
-            return Ok(TraceEstimate { layers, probes: m_done, hvps: engine.hvp_count() - start });
-        }
-    }
+        Ok(rg.iter().zip(&hvs).map(|(g, hv)| layer_dots(g, &project(flat(hv).to_kind(Kind::Double)), &shapes)).collect())
+    })
 }

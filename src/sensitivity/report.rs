@@ -1,9 +1,14 @@
 //! `SensitivityReport`: per-layer curvature statistics, the contract between the sensitivity
-//! engine (which writes it) and the cost model / allocator (which read it).
+//! engine (which writes it) and the cost model / allocator (which read it); where reports are
+//! cached ([`default_cache_dir`], [`cache_key`]); and how shard reports pool ([`merge`]). Each
+//! trace layer keeps its raw probe statistics in `extra.trace_stats` (`n`, `mean`, `m2` of the
+//! random samples, and the exact `offset` of Hutch++'s sketch), which is what makes pooling exact.
 
+use super::hutchinson::TraceSettings;
+use super::stats::Welford;
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The `"format"` field of a sensitivity report.
 pub const REPORT_FORMAT: &str = "mixq.sensitivity-report";
@@ -117,4 +122,213 @@ impl SensitivityReport {
     pub fn layer(&self, name: &str) -> Result<&LayerSensitivity> {
         self.layers.iter().find(|l| l.name == name).ok_or_else(|| Error::unknown_layer(name, self.layers.iter().map(|l| l.name.as_str())))
     }
+}
+
+/// The directory of cached reports and checkpoints: `$MIXQ_HOME/cache/sensitivity`, or
+/// `~/.cache/mixq/cache/sensitivity` (the same home as the zoo's weights).
+pub fn default_cache_dir() -> PathBuf {
+    let home = std::env::var_os("MIXQ_HOME").filter(|h| !h.is_empty()).map(PathBuf::from).unwrap_or_else(|| {
+        let user_home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+        user_home.join(".cache").join("mixq")
+    });
+    home.join("cache").join("sensitivity")
+}
+
+/// The cache key of a run: a hash of everything its report depends on — mixq's version, the
+/// report version, model and data (names and SHA-256) and the settings (seed and shard included).
+pub fn cache_key(model: &str, model_sha256: &str, data: &str, data_sha256: &str, settings: &serde_json::Value) -> String {
+    let v = serde_json::json!({
+        "format": REPORT_FORMAT,
+        "version": REPORT_VERSION,
+        "mixq": env!("CARGO_PKG_VERSION"),
+        "model": model,
+        "model_sha256": model_sha256,
+        "data": data,
+        "data_sha256": data_sha256,
+        "settings": settings,
+    });
+    crate::util::sha256_hex(v.to_string().as_bytes())[..32].to_string()
+}
+
+/// The settings keys that differ between shards of one run (and are recomputed by a merge).
+const PER_SHARD_KEYS: [&str; 3] = ["shard", "probes", "hvps"];
+
+/// A report's shard: (count, indices); an unsharded report is shard 0 of 1.
+fn shard_of(r: &SensitivityReport, path: &Path) -> Result<(u64, Vec<u64>)> {
+    match r.settings.get("shard") {
+        None => Ok((1, vec![0])),
+        Some(s) => {
+            let count = s["count"].as_u64();
+            let indices = s["indices"].as_array().map(|a| a.iter().filter_map(|i| i.as_u64()).collect::<Vec<_>>());
+            match (count, indices) {
+                (Some(c), Some(ix)) if c > 0 && !ix.is_empty() && ix.iter().all(|&i| i < c) => Ok((c, ix)),
+                _ => Err(Error::parse(path, format!("malformed `settings.shard` {s}: expected {{\"count\": n, \"indices\": [k, ...]}}"))),
+            }
+        }
+    }
+}
+
+/// The running statistics and exact part of every layer's trace (`extra.trace_stats`).
+fn trace_stats(r: &SensitivityReport, path: &Path) -> Result<Vec<(Welford, f64)>> {
+    r.layers
+        .iter()
+        .map(|l| {
+            let s = l.extra.get("trace_stats");
+            let f = |k: &str| s.and_then(|s| s[k].as_f64());
+            match (s.and_then(|s| s["n"].as_u64()), f("mean"), f("m2"), f("offset")) {
+                (Some(n), Some(mean), Some(m2), Some(offset)) => Ok((Welford { n, mean, m2 }, offset)),
+                _ => Err(Error::parse(
+                    path,
+                    format!(
+                        "layer {}: no probe statistics (`extra.trace_stats`) to pool; only hutchinson/hutchpp reports of this mixq version merge: rerun it",
+                        l.name
+                    ),
+                )),
+            }
+        })
+        .collect()
+}
+
+/// A layer with its trace fields cleared: what must agree between the inputs of a merge.
+fn without_trace(l: &LayerSensitivity) -> LayerSensitivity {
+    let mut l = l.clone();
+    l.trace = None;
+    l.trace_std_err = None;
+    l.probes = 0;
+    l.converged = false;
+    for k in ["trace_ci95", "trace_per_param", "trace_stats"] {
+        l.extra.remove(k);
+    }
+    l
+}
+
+/// Pools reports of disjoint shards of one run (same model weights, data and settings) into the
+/// report of their union: per layer the Welford sums are combined (Chan et al.), and standard
+/// error, 95 % CI, probes and the converged flag (with the run's `tol`, `tol_floor`,
+/// `min_probes`) are recomputed from the pooled sums. The result does not depend on the order
+/// of `inputs`; when the shards cover the whole run it equals the unsharded report of the same
+/// probes up to float rounding (and has no `shard` entry). Hutch++ shards must agree on the
+/// sketch part (they do when computed by the same build). `inputs` pairs each report with the
+/// file it came from, for the error messages.
+pub fn merge(inputs: &[(PathBuf, SensitivityReport)]) -> Result<SensitivityReport> {
+    if inputs.len() < 2 {
+        return Err(Error::invalid("merge", inputs.len().to_string(), "give at least two reports to merge"));
+    }
+    let name = |p: &Path| p.display().to_string();
+    let mut parts = Vec::with_capacity(inputs.len());
+    for (path, r) in inputs {
+        parts.push((path, r, shard_of(r, path)?, trace_stats(r, path)?));
+    }
+    let (p0, r0, count0): (&PathBuf, &SensitivityReport, u64) = (parts[0].0, parts[0].1, parts[0].2 .0);
+    let strip = |r: &SensitivityReport| -> serde_json::Value {
+        let mut s = r.settings.clone();
+        if let Some(o) = s.as_object_mut() {
+            for k in PER_SHARD_KEYS {
+                o.remove(k);
+            }
+        }
+        s
+    };
+    let settings0 = strip(r0);
+    for (p, r, (count, _), _) in &parts[1..] {
+        let differ = |what: &str, a: &dyn std::fmt::Display, b: &dyn std::fmt::Display| {
+            Error::invalid(
+                "merge",
+                format!("{} + {}", name(p0), name(p)),
+                format!("they are of different {what} ({a} vs {b}); only shards of one run merge"),
+            )
+        };
+        if r.model_sha256 != r0.model_sha256 {
+            return Err(differ("model weights (SHA-256)", &r0.model_sha256, &r.model_sha256));
+        }
+        if r.data_sha256 != r0.data_sha256 {
+            return Err(differ("data (SHA-256)", &r0.data_sha256, &r.data_sha256));
+        }
+        let s = strip(r);
+        if s != settings0 {
+            let (a, b) = (settings0.as_object(), s.as_object());
+            let mut keys: Vec<&String> = a.into_iter().chain(b).flat_map(|o| o.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            let key = keys.into_iter().find(|k| settings0.get(k.as_str()) != s.get(k.as_str())).map(|k| k.as_str()).unwrap_or("?");
+            let show = |v: Option<&serde_json::Value>| v.map(|v| v.to_string()).unwrap_or_else(|| "absent".into());
+            return Err(differ(&format!("settings: `{key}`"), &show(settings0.get(key)), &show(s.get(key))));
+        }
+        if *count != count0 {
+            return Err(differ("shard counts", &count0, count));
+        }
+        let names = |r: &SensitivityReport| r.layers.iter().map(|l| (l.name.clone(), l.params)).collect::<Vec<_>>();
+        if names(r) != names(r0) {
+            return Err(differ("layers", &r0.layers.len(), &r.layers.len()));
+        }
+        for (a, b) in r0.layers.iter().zip(&r.layers) {
+            if without_trace(a) != without_trace(b) {
+                return Err(differ(&format!("non-trace results for layer {}", a.name), &"one value", &"another"));
+            }
+        }
+    }
+    // Disjoint shards.
+    let mut owner: std::collections::BTreeMap<u64, &PathBuf> = Default::default();
+    for (p, _, (_, ix), _) in &parts {
+        for i in ix {
+            if let Some(q) = owner.insert(*i, p) {
+                return Err(Error::invalid(
+                    "merge",
+                    format!("{} + {}", name(q), name(p)),
+                    format!("both hold shard {i}/{count0}: their probes are the same, and pooling them would count them twice"),
+                ));
+            }
+        }
+    }
+    // Pool in shard order, so that the result does not depend on the order of the arguments.
+    parts.sort_by_key(|(_, _, (_, ix), _)| ix.iter().copied().min());
+    let nl = r0.layers.len();
+    let mut stats = vec![Welford::default(); nl];
+    let mut offsets = vec![0.0; nl];
+    for (_, _, _, st) in &parts {
+        for (i, (w, o)) in st.iter().enumerate() {
+            stats[i] = stats[i].merge(w);
+            offsets[i] += o / parts.len() as f64;
+        }
+    }
+    let total: f64 = offsets.iter().map(|o| o.abs()).sum();
+    for (p, _, _, st) in &parts {
+        let worst = st.iter().zip(&offsets).map(|((_, o), m)| (o - m).abs()).fold(0.0, f64::max);
+        if worst > crate::sensitivity::hutchinson::SKETCH_AGREEMENT * total {
+            return Err(Error::invalid(
+                "merge",
+                name(p),
+                format!("its Hutch++ sketch part differs from the other shards' by {worst:.3e} (of {total:.3e}): shards computed by different builds or hardware do not merge"),
+            ));
+        }
+    }
+    let num = |k: &str| {
+        settings0
+            .get(k)
+            .and_then(|v| v.as_f64())
+            .ok_or_else(|| Error::parse(p0.as_path(), format!("settings.{k} missing: not a trace report")))
+    };
+    let rule =
+        TraceSettings { tol: num("tol")?, tol_floor: num("tol_floor")?, min_probes: num("min_probes")? as u64, ..Default::default() };
+    let (traces, _) = crate::sensitivity::hutchinson::summarize(&offsets, &stats, &rule);
+    let mut merged = r0.clone();
+    for ((l, t), (w, o)) in merged.layers.iter_mut().zip(&traces).zip(stats.iter().zip(&offsets)) {
+        l.trace = Some(t.trace);
+        l.trace_std_err = Some(t.std_err);
+        l.probes = t.probes;
+        l.converged = t.converged;
+        l.extra.insert("trace_ci95".into(), serde_json::json!(t.ci95));
+        l.extra.insert("trace_per_param".into(), serde_json::json!(t.trace / l.params.max(1) as f64));
+        l.extra.insert("trace_stats".into(), serde_json::json!({"n": w.n, "mean": w.mean, "m2": w.m2, "offset": o}));
+    }
+    let sum = |k: &str| parts.iter().map(|(_, r, _, _)| r.settings.get(k).and_then(|v| v.as_u64()).unwrap_or(0)).sum::<u64>();
+    let mut settings = settings0.clone();
+    settings["probes"] = serde_json::json!(sum("probes"));
+    settings["hvps"] = serde_json::json!(sum("hvps"));
+    let indices: Vec<u64> = owner.keys().copied().collect();
+    if indices.len() as u64 != count0 {
+        settings["shard"] = serde_json::json!({"count": count0, "indices": indices});
+    }
+    merged.settings = settings;
+    Ok(merged)
 }
