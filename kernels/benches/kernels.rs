@@ -7,9 +7,11 @@
 //! 768×768 and 4096×4096 at all M; 768×3072 at M = 32), `full` (every shape at every M).
 //! `MIXQ_BENCH_SUMMARY_ONLY=1` skips criterion and prints only the summary.
 //!
-//! Kernels: `w4` (int4, groups of 64, FP32 scales: 4.5 bits/weight, as ggml's q4_K), `w8` (int8
+//! Kernels: `w4` (int4, groups of 64, FP32 scales: 4.5 bits/weight, as ggml's q4_K), `w4a8` (the
+//! same weight with W4A8-dynamic: activations quantized to int8 per block of 32, integer dot
+//! products, as ggml's q4 × q8_0; a different result from `w4`, see `matmul_w4a8`), `w8` (int8
 //! per channel), `fp8` (E4M3 per channel), `fp4` (E2M1, groups of 32), `w8a8` (int8 × int8 with
-//! per-row activation quantization, M > 1); libtorch `fp32` matmul, `_weight_int8pack_mm`,
+//! per-row activation quantization); libtorch `fp32` matmul, `_weight_int8pack_mm`,
 //! `_weight_int4pack_mm_for_cpu` (the last two only at M ≤ 8: they take seconds at larger M).
 //!
 //! GB/s counts the bytes of the weight a kernel reads (codes + scales + zero points; FP32 for
@@ -18,7 +20,7 @@
 //! bytes summed per second); `memcpy` of the same buffer (bytes copied per second) is printed
 //! beside it for reference.
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
-use mixq_kernels::{matmul, matmul_w8a8, random_weight, LibtorchOp, LibtorchWeight, PackedWeight, WeightFormat};
+use mixq_kernels::{matmul, matmul_w4a8, matmul_w8a8, random_weight, LibtorchOp, LibtorchWeight, PackedWeight, WeightFormat};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
@@ -28,6 +30,7 @@ const COPY_BYTES: usize = 256 << 20;
 #[derive(Clone, Copy, PartialEq)]
 enum Kernel {
     W4,
+    W4A8,
     W8,
     Fp8,
     Fp4,
@@ -37,13 +40,14 @@ enum Kernel {
     TorchInt4,
 }
 
-const KERNELS: [Kernel; 8] =
-    [Kernel::W4, Kernel::W8, Kernel::Fp8, Kernel::Fp4, Kernel::W8A8, Kernel::TorchFp32, Kernel::TorchInt8, Kernel::TorchInt4];
+const KERNELS: [Kernel; 9] =
+    [Kernel::W4, Kernel::W4A8, Kernel::W8, Kernel::Fp8, Kernel::Fp4, Kernel::W8A8, Kernel::TorchFp32, Kernel::TorchInt8, Kernel::TorchInt4];
 
 impl Kernel {
     fn name(self) -> &'static str {
         match self {
             Kernel::W4 => "w4-g64",
+            Kernel::W4A8 => "w4a8-g64",
             Kernel::W8 => "w8",
             Kernel::Fp8 => "fp8-e4m3",
             Kernel::Fp4 => "fp4-g32",
@@ -55,7 +59,6 @@ impl Kernel {
     }
     fn runs_at(self, m: usize) -> bool {
         match self {
-            Kernel::W8A8 => m > 1,
             Kernel::TorchInt8 | Kernel::TorchInt4 => m <= 8,
             _ => true,
         }
@@ -95,15 +98,15 @@ fn prepare(kernel: Kernel, n: usize, k: usize, m: usize) -> Prepared {
     tch::manual_seed(0);
     let xt = Tensor::randn([m as i64, k as i64], (Kind::Float, Device::Cpu));
     let x: Vec<f32> = Vec::try_from(xt.view([-1])).expect("x");
-    let native = |w: PackedWeight, w8a8: bool| -> Prepared {
+    let native = |w: PackedWeight, kernel: Kernel| -> Prepared {
         let bytes = w.bytes();
         let (x, mut y) = (x.clone(), vec![0f32; m * n]);
         Prepared {
             run: Box::new(move || {
-                if w8a8 {
-                    matmul_w8a8(black_box(&x), m, &w, &mut y).expect("w8a8");
-                } else {
-                    matmul(black_box(&x), m, &w, &mut y).expect("matmul");
+                match kernel {
+                    Kernel::W8A8 => matmul_w8a8(black_box(&x), m, &w, &mut y).expect("w8a8"),
+                    Kernel::W4A8 => matmul_w4a8(black_box(&x), m, &w, &mut y).expect("w4a8"),
+                    _ => matmul(black_box(&x), m, &w, &mut y).expect("matmul"),
                 }
                 black_box(&y);
             }),
@@ -121,11 +124,10 @@ fn prepare(kernel: Kernel, n: usize, k: usize, m: usize) -> Prepared {
         }
     };
     match kernel {
-        Kernel::W4 => native(weight(int4, 64), false),
-        Kernel::W8 => native(weight(int8, k), false),
-        Kernel::Fp8 => native(weight(WeightFormat::Fp8E4M3, k), false),
-        Kernel::Fp4 => native(weight(WeightFormat::Fp4E2M1, 32), false),
-        Kernel::W8A8 => native(weight(int8, k), true),
+        Kernel::W4 | Kernel::W4A8 => native(weight(int4, 64), kernel),
+        Kernel::W8 | Kernel::W8A8 => native(weight(int8, k), kernel),
+        Kernel::Fp8 => native(weight(WeightFormat::Fp8E4M3, k), kernel),
+        Kernel::Fp4 => native(weight(WeightFormat::Fp4E2M1, 32), kernel),
         Kernel::TorchFp32 => torch(weight(int8, k), LibtorchOp::Fp32, 4 * n * k),
         Kernel::TorchInt8 => torch(weight(int8, k), LibtorchOp::Int8Pack, n * k + 4 * n),
         // int4pack keeps 4-bit codes plus FP32 scale and zero per group of 64.
@@ -198,22 +200,23 @@ fn summary() {
         "\nmixq-kernels summary ({} threads; roofline: memcpy {copy:.1} GB/s copied, read-only pass {read:.1} GB/s)",
         rayon::current_num_threads()
     );
-    println!("{:<16} {:>11} {:>4} {:>10} {:>8} {:>9} {:>8} {:>10}", "kernel", "N x K", "M", "time", "GB/s", "% read", "GFLOP/s", "vs fp32");
+    println!(
+        "{:<16} {:>11} {:>4} {:>10} {:>8} {:>9} {:>8} {:>10} {:>10}",
+        "kernel", "N x K", "M", "time", "GB/s", "% read", "GFLOP/s", "vs fp32", "vs i4pack"
+    );
     for ((n, k), m) in cases() {
-        let mut fp32_t = f64::NAN;
-        let mut rows = Vec::new();
-        for kernel in [Kernel::TorchFp32].into_iter().chain(KERNELS.into_iter().filter(|k| *k != Kernel::TorchFp32)) {
-            if !kernel.runs_at(m) {
-                continue;
-            }
+        let mut measured = Vec::new();
+        for kernel in KERNELS.into_iter().filter(|kn| kn.runs_at(m)) {
             let mut p = prepare(kernel, n, k, m);
-            let t = median(&mut p.run, budget);
-            if kernel == Kernel::TorchFp32 {
-                fp32_t = t;
-            }
-            let gbs = p.bytes as f64 / t / 1e9;
-            rows.push(format!(
-                "{:<16} {:>11} {:>4} {:>8.3}ms {:>8.1} {:>8.0}% {:>8.1} {:>9.2}x",
+            measured.push((kernel, median(&mut p.run, budget), p.bytes));
+        }
+        let time_of = |kn: Kernel| measured.iter().find(|(k2, _, _)| *k2 == kn).map_or(f64::NAN, |(_, t, _)| *t);
+        let (fp32_t, i4_t) = (time_of(Kernel::TorchFp32), time_of(Kernel::TorchInt4));
+        for (kernel, t, bytes) in measured {
+            let gbs = bytes as f64 / t / 1e9;
+            let vs_i4 = if i4_t.is_nan() { "-".to_string() } else { format!("{:.1}x", i4_t / t) };
+            println!(
+                "{:<16} {:>11} {:>4} {:>8.3}ms {:>8.1} {:>8.0}% {:>8.1} {:>9.2}x {:>10}",
                 kernel.name(),
                 format!("{n}x{k}"),
                 m,
@@ -221,11 +224,9 @@ fn summary() {
                 gbs,
                 100.0 * gbs / read,
                 2.0 * (m * n * k) as f64 / t / 1e9,
-                fp32_t / t
-            ));
-        }
-        for r in rows {
-            println!("{r}");
+                fp32_t / t,
+                vs_i4
+            );
         }
     }
 }

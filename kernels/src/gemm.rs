@@ -6,6 +6,10 @@
 //! line of weights or outputs); `m > 1` results are transposed back at the end (`m · n`
 //! floats, negligible next to the product).
 //!
+//! [`matmul_w4a8`] is a separate mode for int4 weights: it quantizes the activations to INT8 per
+//! block of 32 and multiplies integers, trading the activation rounding for several times fewer
+//! instructions per weight than decoding to FP32 (see the `avx2` module).
+//!
 //! Dispatch: [`Isa::Auto`] uses AVX2 + FMA when the CPU has them (checked once per call with
 //! `is_x86_feature_detected!`, a cached lookup) and the weight's groups are whole 32-element
 //! blocks (`group % 32 == 0`, or per channel); otherwise the portable scalar kernel, which gives
@@ -247,4 +251,226 @@ pub fn matmul_w8a8_isa(x: &[f32], m: usize, w: &PackedWeight, y: &mut [f32], isa
         }
     }
     Ok(())
+}
+
+/// Elements per activation block of [`matmul_w4a8`]: one FP32 scale per 32 activations, as
+/// ggml's `q8_0`, the same blocks as the 4-bit weight layout.
+pub const ACT_BLOCK: usize = 32;
+
+/// Activations quantized dynamically per block of [`ACT_BLOCK`] for [`matmul_w4a8`]:
+/// `x[i, t] ≈ codes[i, t] · scales[i, t / 32]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BlockQuantizedActivations {
+    /// Inner dimension `k` of each row.
+    pub k: usize,
+    /// Codes `[m, k]` in `-127..=127`.
+    pub codes: Vec<i8>,
+    /// Scales `[m, ⌈k / 32⌉]`: `amax / 127` of the block (1 for an all-zero block).
+    pub scales: Vec<f32>,
+}
+
+impl BlockQuantizedActivations {
+    /// The activations the W4A8 kernels multiply, `codes · scale` in FP32 (`[m, k]`).
+    pub fn dequantize(&self) -> Vec<f32> {
+        let kb = self.k.div_ceil(ACT_BLOCK);
+        self.codes.iter().enumerate().map(|(i, &c)| f32::from(c) * self.scales[i / self.k * kb + i % self.k / ACT_BLOCK]).collect()
+    }
+}
+
+/// Quantizes one row block by block: `scale = amax / 127`, `code = round_ties_even(x / scale)`.
+/// The portable reference of `avx2::quantize_blocks_avx2`, which must give the same codes.
+pub(crate) fn quantize_blocks(x: &[f32], codes: &mut [i8], scales: &mut [f32]) {
+    for ((xb, qb), s) in x.chunks(ACT_BLOCK).zip(codes.chunks_mut(ACT_BLOCK)).zip(scales.iter_mut()) {
+        let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let d = amax / 127.0;
+        *s = if d > 0.0 { d } else { 1.0 };
+        for (c, v) in qb.iter_mut().zip(xb) {
+            *c = (v / *s).round_ties_even().clamp(-127.0, 127.0) as i8;
+        }
+    }
+}
+
+/// Block-wise symmetric INT8 quantization of `x` (`[m, k]`) for [`matmul_w4a8`]: per block of
+/// [`ACT_BLOCK`] elements (the last block of a row may be shorter) `scale = amax / 127`,
+/// `code = round_ties_even(x / scale)`. The same codes on every instruction set. Errors on a
+/// shape mismatch or a non-finite value.
+pub fn quantize_activations_blocks(x: &[f32], m: usize, k: usize) -> Result<BlockQuantizedActivations> {
+    quantize_activations_blocks_isa(x, m, k, Isa::Auto)
+}
+
+fn quantize_activations_blocks_isa(x: &[f32], m: usize, k: usize, isa: Isa) -> Result<BlockQuantizedActivations> {
+    if m == 0 || k == 0 || m.checked_mul(k) != Some(x.len()) {
+        return Err(shape("activations x", format!("m · k values for [{m}, {k}] (m, k > 0)"), x.len()));
+    }
+    if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+        return Err(shape("activations x", "finite values", format!("{} at index {i}", x[i])));
+    }
+    let kb = k.div_ceil(ACT_BLOCK);
+    let mut codes = vec![0i8; m * k];
+    let mut scales = vec![1f32; m * kb];
+    let use_avx2 = isa != Isa::Scalar && has_avx2();
+    for ((xr, qr), sr) in x.chunks_exact(k).zip(codes.chunks_exact_mut(k)).zip(scales.chunks_exact_mut(kb)) {
+        #[cfg(target_arch = "x86_64")]
+        if use_avx2 {
+            // SAFETY: AVX2 + FMA checked by has_avx2().
+            unsafe { crate::avx2::quantize_blocks_avx2(xr, qr, sr) };
+            continue;
+        }
+        let _ = use_avx2;
+        quantize_blocks(xr, qr, sr);
+    }
+    Ok(BlockQuantizedActivations { k, codes, scales })
+}
+
+/// One activation row laid out for the AVX2 W4A8 kernel (see `avx2::W4a8Row`).
+#[cfg(target_arch = "x86_64")]
+struct W4a8Prepared {
+    xq: Vec<i8>,
+    xs8: Vec<f32>,
+    gsum: Vec<f32>,
+}
+
+/// Blocks per weight group (`usize::MAX` for one group per row).
+fn blocks_per_group(w: &PackedWeight) -> usize {
+    if w.group == w.k {
+        usize::MAX
+    } else {
+        w.group / ACT_BLOCK
+    }
+}
+
+/// `Σ_{b in g} scale(b) · Σ codes(b)` per weight group of one activation row.
+fn group_sums(codes: &[i8], scales: &[f32], w: &PackedWeight) -> Vec<f32> {
+    let bpg = blocks_per_group(w);
+    let mut gsum = vec![0f32; w.groups_per_row()];
+    for (b, (qb, s)) in codes.chunks(ACT_BLOCK).zip(scales).enumerate() {
+        let q: i32 = qb.iter().map(|&c| i32::from(c)).sum();
+        gsum[if bpg == usize::MAX { 0 } else { b / bpg }] += s * q as f32;
+    }
+    gsum
+}
+
+#[cfg(target_arch = "x86_64")]
+fn prepare_w4a8(codes: &[i8], scales: &[f32], w: &PackedWeight) -> W4a8Prepared {
+    let kb = scales.len();
+    let pairs = kb.div_ceil(2);
+    let mut xq = vec![0i8; 64 * pairs];
+    let mut xs8 = vec![0f32; 8 * pairs];
+    for (b, (qb, &s)) in codes.chunks(ACT_BLOCK).zip(scales).enumerate() {
+        let (p, h) = (b / 2, b % 2);
+        for (t, &c) in qb.iter().enumerate() {
+            xq[64 * p + 32 * (t / 16) + 16 * h + t % 16] = c;
+        }
+        xs8[8 * p + 4 * h..8 * p + 4 * h + 4].fill(s);
+    }
+    W4a8Prepared { xq, xs8, gsum: group_sums(codes, scales, w) }
+}
+
+/// W4A8-dynamic: `y = x · Wᵀ` for an int4 weight (symmetric or asymmetric) with the activations
+/// quantized on the fly to INT8 per block of 32 ([`quantize_activations_blocks`]), as ggml's
+/// `q4 × q8_0` dot product: exact integer dot products inside each block (AVX2 `maddubs` on the
+/// raw nibbles; the zero point is one precomputed `Σ codes` term per group), one FP32 multiply
+/// by `scale_x · scale_w` per block. **Not** the same result as [`matmul`]: the activations are
+/// rounded to 8 bits (error at most `scale_x / 2` per element); the result equals, up to FP32
+/// summation order, the FP32 product of [`BlockQuantizedActivations::dequantize`] and
+/// [`PackedWeight::dequantize`]. Needs `group % 32 == 0` or per-channel scales.
+pub fn matmul_w4a8(x: &[f32], m: usize, w: &PackedWeight, y: &mut [f32]) -> Result<()> {
+    matmul_w4a8_isa(x, m, w, y, Isa::Auto)
+}
+
+/// [`matmul_w4a8`] with an explicit instruction set.
+pub fn matmul_w4a8_isa(x: &[f32], m: usize, w: &PackedWeight, y: &mut [f32], isa: Isa) -> Result<()> {
+    if !matches!(w.format, WeightFormat::Int4 { .. }) || !(w.group.is_multiple_of(ACT_BLOCK) || w.group == w.k) {
+        return Err(KernelError::Unsupported(format!(
+            "W4A8 needs an int4 weight with groups of a multiple of 32 or per-channel scales; got {} with group {} of {} \
+             (use matmul for FP32 activations)",
+            w.format, w.group, w.k
+        )));
+    }
+    check_xy(x, m, w.k, w.n, y)?;
+    let use_avx2 = match isa {
+        Isa::Auto => has_avx2(),
+        Isa::Avx2 if has_avx2() => true,
+        Isa::Avx2 => return Err(KernelError::Unsupported("this CPU has no AVX2 + FMA; use Isa::Auto or Isa::Scalar".into())),
+        Isa::Scalar => false,
+    };
+    let xq = quantize_activations_blocks_isa(x, m, w.k, if use_avx2 { Isa::Avx2 } else { Isa::Scalar })?;
+    let (k, kb) = (w.k, w.k.div_ceil(ACT_BLOCK));
+    let mut yt = if m == 1 { Vec::new() } else { vec![0f32; m * w.n] };
+    let out: &mut [f32] = if m == 1 { y } else { &mut yt };
+    #[cfg(target_arch = "x86_64")]
+    if use_avx2 {
+        use crate::avx2::{w4a8_rows, PairGroups, W4a8Row};
+        let prep: Vec<W4a8Prepared> =
+            (0..m).map(|i| prepare_w4a8(&xq.codes[i * k..(i + 1) * k], &xq.scales[i * kb..(i + 1) * kb], w)).collect();
+        let rows: Vec<W4a8Row> = prep.iter().map(|p| W4a8Row { xq: &p.xq, xs8: &p.xs8, gsum: &p.gsum }).collect();
+        let mode = match blocks_per_group(w) {
+            usize::MAX => PairGroups::PerGroup { pairs: usize::MAX },
+            b if b % 2 == 0 => PairGroups::PerGroup { pairs: b / 2 },
+            b => PairGroups::PerBlock { blocks: b },
+        };
+        out.par_chunks_mut(ROWS * m).enumerate().for_each(|(t, chunk)| {
+            // SAFETY: AVX2 + FMA checked; w is int4 with group % 32 == 0 or per channel, and mode
+            // follows from its group; rows were prepared for w; the chunk covers rows
+            // r0 .. r0 + chunk.len() / m < n, m values each.
+            unsafe { w4a8_rows(w, &rows, mode, t * ROWS, chunk) }
+        });
+    }
+    if !use_avx2 {
+        out.par_chunks_mut(ROWS * m).enumerate().for_each(|(t, chunk)| scalar_w4a8_rows(w, &xq, m, t * ROWS, chunk));
+    }
+    if m > 1 {
+        for (r, col) in yt.chunks_exact(m).enumerate() {
+            for (i, v) in col.iter().enumerate() {
+                y[i * w.n + r] = *v;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Portable W4A8: per block, the exact integer `Σ (code - zero) · q`, times `scale_w · scale_x`.
+fn scalar_w4a8_rows(w: &PackedWeight, xq: &BlockQuantizedActivations, m: usize, r0: usize, yt: &mut [f32]) {
+    let (k, kb) = (w.k, w.k.div_ceil(ACT_BLOCK));
+    for (j, out) in yt.chunks_exact_mut(m).enumerate() {
+        let r = r0 + j;
+        for (i, o) in out.iter_mut().enumerate() {
+            let mut acc = 0f32;
+            for b in 0..kb {
+                let g = b * ACT_BLOCK / w.group;
+                let z = w.zero(r, g);
+                let dot: i32 =
+                    (b * ACT_BLOCK..k.min((b + 1) * ACT_BLOCK)).map(|t| (w.raw(r, t) - z) * i32::from(xq.codes[i * k + t])).sum();
+                acc += w.scales[r * w.groups_per_row() + g] * xq.scales[i * kb + b] * dot as f32;
+            }
+            *o = acc;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The AVX2 and portable block quantizers give the same codes and scales, bit for bit: ties
+    /// (`x / scale` exactly halfway), all-zero and subnormal blocks, a tail block.
+    #[test]
+    fn block_quantization_is_the_same_on_every_isa() {
+        if !has_avx2() {
+            return;
+        }
+        let k = 32 * 5 + 7;
+        let mut x: Vec<f32> = (0..2 * k).map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 0.0173).collect();
+        // Block 1: ties at scale 1 (amax 127): 0.5, 1.5, 2.5, -0.5.
+        x[32] = 127.0;
+        x[33..37].copy_from_slice(&[0.5, 1.5, 2.5, -0.5]);
+        x[64..96].fill(0.0);
+        x[96..128].fill(1e-40);
+        x[128] = 1e-42;
+        let a = quantize_activations_blocks_isa(&x, 2, k, Isa::Scalar).unwrap();
+        let b = quantize_activations_blocks_isa(&x, 2, k, Isa::Avx2).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(&a.codes[33..37], &[0, 2, 2, 0]);
+        assert_eq!(a.scales[2], 1.0);
+    }
 }

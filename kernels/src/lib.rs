@@ -9,7 +9,9 @@
 //!   produces them (`mixq::quant::quantize`); dequantized values equal mixq's fake quantization
 //!   bit for bit.
 //! - [`gemm`]: `y = x · Wᵀ` with FP32 activations (weight-only GEMV and small-M GEMM) and W8A8
-//!   (dynamic per-row INT8 activations, INT32 accumulation), AVX2 + FMA when the CPU has it
+//!   (dynamic per-row INT8 activations, INT32 accumulation), W4A8-dynamic (int4 weights against
+//!   activations quantized to INT8 per block of 32, ggml's q4 × q8_0 scheme: a separate mode,
+//!   since it rounds the activations), AVX2 + FMA when the CPU has it
 //!   (run-time detection), a portable scalar kernel otherwise, rayon across blocks of output rows.
 //!   All `unsafe` code lives in the private `avx2` module, behind these safe, shape-checked
 //!   functions.
@@ -30,7 +32,8 @@ pub mod torch;
 
 pub use error::{KernelError, Result};
 pub use gemm::{
-    isa_available, matmul, matmul_isa, matmul_w8a8, matmul_w8a8_isa, quantize_activations, selected_isa, Isa, QuantizedActivations,
+    isa_available, matmul, matmul_isa, matmul_w4a8, matmul_w4a8_isa, matmul_w8a8, matmul_w8a8_isa, quantize_activations,
+    quantize_activations_blocks, selected_isa, BlockQuantizedActivations, Isa, QuantizedActivations, ACT_BLOCK,
 };
 pub use pack::{PackedWeight, WeightFormat};
 pub use timing::{random_weight, time_shape, Timing, TimingOptions};

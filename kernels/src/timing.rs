@@ -47,13 +47,33 @@ pub fn time_shape(n: usize, k: usize, format: WeightFormat, group: usize, m: usi
     let mut rng = SplitMix(opts.seed ^ 0x5eed);
     let x: Vec<f32> = (0..m * k).map(|_| rng.unit() * 2.0 - 1.0).collect();
     let mut y = vec![0f32; m * n];
+    measure(opts, || matmul(&x, m, &w, &mut y))
+}
+
+/// Times `y[m, n] = x[m, k] · Wᵀ` in FP32 with libtorch's `linear` (what an FP32 layer runs) on
+/// the CPU, with random weights and activations from `opts.seed`: the full-precision row of a
+/// latency table, measured the same way as [`time_shape`].
+pub fn time_shape_fp32_libtorch(n: usize, k: usize, m: usize, opts: TimingOptions) -> Result<Timing> {
+    if n == 0 || k == 0 || m == 0 {
+        return Err(shape("FP32 GEMM shape (n, k, m)", "all > 0", format!("({n}, {k}, {m})")));
+    }
+    let mut rng = SplitMix(opts.seed);
+    let w: Vec<f32> = (0..n * k).map(|_| rng.unit() - 0.5).collect();
+    let x: Vec<f32> = (0..m * k).map(|_| rng.unit() * 2.0 - 1.0).collect();
+    let w = tch::Tensor::f_from_slice(&w)?.f_reshape([n as i64, k as i64])?;
+    let x = tch::Tensor::f_from_slice(&x)?.f_reshape([m as i64, k as i64])?;
+    tch::no_grad(|| measure(opts, || x.f_linear::<tch::Tensor>(&w, None).map(drop).map_err(Into::into)))
+}
+
+/// Runs `f` `opts.warmup` times untimed, then `opts.repeats` (at least one) times timed.
+fn measure(opts: TimingOptions, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
     for _ in 0..opts.warmup {
-        matmul(&x, m, &w, &mut y)?;
+        f()?;
     }
     let mut t = Vec::with_capacity(opts.repeats.max(1));
     for _ in 0..opts.repeats.max(1) {
         let s = Instant::now();
-        matmul(&x, m, &w, &mut y)?;
+        f()?;
         t.push(s.elapsed().as_secs_f64());
     }
     t.sort_by(f64::total_cmp);

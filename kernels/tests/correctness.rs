@@ -4,8 +4,8 @@
 
 use mixq_kernels::torch::{cuda_available, dequantized_tensor};
 use mixq_kernels::{
-    isa_available, matmul_isa, matmul_w8a8_isa, quantize_activations, random_weight, time_shape, Isa, KernelError, LibtorchOp,
-    LibtorchWeight, PackedWeight, QLinear, TimingOptions, WeightFormat,
+    isa_available, matmul_isa, matmul_w4a8_isa, matmul_w8a8_isa, quantize_activations, quantize_activations_blocks, random_weight,
+    time_shape, Isa, KernelError, LibtorchOp, LibtorchWeight, PackedWeight, QLinear, TimingOptions, WeightFormat, ACT_BLOCK,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -15,6 +15,12 @@ const FP32_ORDER_RTOL: f32 = 1e-5;
 /// Relative tolerance, to `Σ |x|·|w|`, of libtorch's int4pack / int8pack ops against FP32 on the
 /// same dequantized weight (they round activations or scales to BF16 on some paths).
 const LIBTORCH_LOWBIT_RTOL: f32 = 1e-2;
+/// Relative tolerance, to `Σ |x̂|·|w|`, of the W4A8 kernels against libtorch FP32 on the
+/// block-quantized activations `x̂` and the dequantized weight: the integer sums inside a block are
+/// exact, so only FP32 rounding of the per-block products and of their sum is left, as for
+/// [`FP32_ORDER_RTOL`] (the AVX2 kernel sums the raw nibbles 0..=15 and subtracts the zero-point
+/// term `z · Σ q` afterwards; on these shapes the worst error is still below 3e-7 of the bound).
+const W4A8_RTOL: f32 = 1e-5;
 
 const FORMATS: [WeightFormat; 6] = [
     WeightFormat::Int4 { asymmetric: false },
@@ -223,4 +229,102 @@ fn identity_activations_give_the_dequantized_weight_exactly() {
             }
         }
     }
+}
+
+const INT4: [WeightFormat; 2] = [WeightFormat::Int4 { asymmetric: false }, WeightFormat::Int4 { asymmetric: true }];
+
+#[test]
+fn w4a8_matches_libtorch_on_quantized_activations() {
+    // (n, k, group): N = 1; per channel with an odd number of 32-blocks and a K tail (37, 100,
+    // 96); groups of 32 and 160 (an odd number of blocks per group: pairs straddle groups); groups
+    // of 64 and 128 (whole pairs per group); a long row.
+    let shapes =
+        [(1, 64, 32), (1, 37, 37), (13, 96, 32), (9, 100, 100), (5, 96, 96), (7, 320, 160), (40, 256, 64), (17, 640, 128), (3, 4096, 64)];
+    for (si, &(n, k, group)) in shapes.iter().enumerate() {
+        for (fi, &f) in INT4.iter().enumerate() {
+            let w = random_weight(f, n, k, group, (si * 10 + fi) as u64).unwrap();
+            let wd = dequantized_tensor(&w).unwrap();
+            for m in [1usize, 2, 3, 7, 18] {
+                let x = rand_x(m, k, (si * 100 + m) as i64);
+                let q = quantize_activations_blocks(&x, m, k).unwrap();
+                let (want, bound) = reference(&q.dequantize(), m, &wd);
+                for isa in isas() {
+                    let mut y = vec![f32::NAN; m * n];
+                    matmul_w4a8_isa(&x, m, &w, &mut y, isa).unwrap();
+                    assert_close(&format!("w4a8 {f} {isa:?} n={n} k={k} g={group} m={m}"), &y, &want, &bound, W4A8_RTOL);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn w4a8_large_m_and_m_257() {
+    let (n, k) = (19, 192);
+    for &f in &INT4 {
+        for group in [32, 64, 96, k] {
+            let w = random_weight(f, n, k, group, 3).unwrap();
+            let wd = dequantized_tensor(&w).unwrap();
+            for m in [64usize, 257] {
+                let x = rand_x(m, k, m as i64);
+                let q = quantize_activations_blocks(&x, m, k).unwrap();
+                let (want, bound) = reference(&q.dequantize(), m, &wd);
+                for isa in isas() {
+                    let mut y = vec![0f32; m * n];
+                    matmul_w4a8_isa(&x, m, &w, &mut y, isa).unwrap();
+                    assert_close(&format!("w4a8 {f} g={group} {isa:?} m={m}"), &y, &want, &bound, W4A8_RTOL);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn w4a8_activation_rounding_error_is_within_its_bound() {
+    // |x − x̂| ≤ scale_x(block) / 2 per element, so against FP32 activations the W4A8 result may
+    // differ by at most Σ_t scale_x(t) / 2 · |w_t| (plus FP32 rounding).
+    let (n, k, m) = (11, 200, 4);
+    for &f in &INT4 {
+        let w = random_weight(f, n, k, k, 5).unwrap();
+        let wd = w.dequantize();
+        let x = rand_x(m, k, 6);
+        let q = quantize_activations_blocks(&x, m, k).unwrap();
+        let (want, bound) = reference(&x, m, &dequantized_tensor(&w).unwrap());
+        let kb = k.div_ceil(ACT_BLOCK);
+        let mut y = vec![0f32; m * n];
+        matmul_w4a8_isa(&x, m, &w, &mut y, Isa::Auto).unwrap();
+        for i in 0..m {
+            for r in 0..n {
+                let e: f32 = (0..k).map(|t| q.scales[i * kb + t / ACT_BLOCK] / 2.0 * wd[r * k + t].abs()).sum();
+                let tol = e * (1.0 + 1e-3) + W4A8_RTOL * bound[i * n + r];
+                let err = (y[i * n + r] - want[i * n + r]).abs();
+                assert!(err <= tol, "w4a8 {f}: y[{i}, {r}] got {}, FP32 {}, bound {tol}", y[i * n + r], want[i * n + r]);
+            }
+        }
+    }
+}
+
+#[test]
+fn w4a8_block_quantization_and_refusals() {
+    // Ties to even, per block: the second block has its own scale.
+    let mut x = vec![0f32; 40];
+    x[0] = 127.0;
+    x[1] = 0.5;
+    x[2] = 1.5;
+    x[3] = -2.5;
+    x[32] = 2.0;
+    x[33] = 1.0;
+    let q = quantize_activations_blocks(&x, 1, 40).unwrap();
+    assert_eq!(&q.codes[..4], &[127, 0, 2, -2]);
+    assert_eq!(&q.codes[32..34], &[127, 64]);
+    assert_eq!(q.scales, vec![1.0, 2.0 / 127.0]);
+    assert!(quantize_activations_blocks(&[f32::INFINITY], 1, 1).is_err());
+    assert!(quantize_activations_blocks(&[0.0; 3], 2, 2).is_err());
+    // Only int4, and only groups the 32-blocks do not straddle.
+    let w8 = random_weight(WeightFormat::Int8 { asymmetric: false }, 2, 64, 64, 1).unwrap();
+    assert!(matches!(matmul_w4a8_isa(&[0.0; 64], 1, &w8, &mut [0.0; 2], Isa::Auto), Err(KernelError::Unsupported(_))));
+    let w16 = random_weight(WeightFormat::Int4 { asymmetric: false }, 2, 64, 16, 1).unwrap();
+    assert!(matches!(matmul_w4a8_isa(&[0.0; 64], 1, &w16, &mut [0.0; 2], Isa::Scalar), Err(KernelError::Unsupported(_))));
+    let w = random_weight(WeightFormat::Int4 { asymmetric: false }, 2, 64, 32, 1).unwrap();
+    assert!(matches!(matmul_w4a8_isa(&[0.0; 63], 1, &w, &mut [0.0; 2], Isa::Auto), Err(KernelError::Shape { .. })));
 }
