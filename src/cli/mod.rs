@@ -2,6 +2,7 @@
 //! parses arguments and calls [`run`]; every subcommand is a thin layer over the library.
 
 pub mod allocate;
+pub mod latency;
 pub mod pareto;
 pub mod progress;
 pub mod search;
@@ -48,9 +49,31 @@ pub enum Command {
     Allocate(allocate::AllocateArgs),
     /// Sweep a budget and write the predicted Pareto front (CSV, SVG).
     Pareto(pareto::ParetoArgs),
+    /// Write a seeded synthetic cost table (solver benchmarks, the PuLP comparison).
+    Synthetic(SyntheticArgs),
     /// The whole pipeline: sensitivity → allocation under budgets → config → evaluation of the
     /// mixed model beside uniform baselines.
     Search(search::SearchArgs),
+    /// Time every layer's GEMM under candidate formats with the low-bit kernels → latency CSV
+    /// for `allocate --latency`.
+    Latency(latency::LatencyArgs),
+}
+
+/// `mixq synthetic`.
+#[derive(Args, Debug)]
+pub struct SyntheticArgs {
+    /// Seed of the generator (the benchmarks use 1).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Number of layers.
+    #[arg(long, default_value_t = 2000)]
+    pub layers: usize,
+    /// Candidate formats per layer, 1 to 8 (int2 … int8, fp32; the highest-precision ones kept).
+    #[arg(long, default_value_t = 8)]
+    pub formats: usize,
+    /// Output table (CSV, or JSON when the name ends in `.json`).
+    #[arg(short, long)]
+    pub output: PathBuf,
 }
 
 /// Which model and data.
@@ -89,6 +112,12 @@ pub struct EvalArgs {
     /// Print the JSON report on stdout instead of the table.
     #[arg(long)]
     json: bool,
+    /// Also run the config through the real low-bit kernels (mixq-kernels): packed weights and the
+    /// kernels' GEMM for int4, int8, fp8-e4m3 and fp4-e2m1 layers (convolutions through im2col),
+    /// fake quantization for other formats; reports the metrics and the difference to fake
+    /// quantization. Zoo model only.
+    #[arg(long)]
+    kernels: bool,
 }
 
 /// `mixq demo`.
@@ -111,7 +140,21 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Allocate(a) => allocate::run(a),
         Command::Pareto(a) => pareto::run(a),
         Command::Search(a) => search::run(a),
+        Command::Synthetic(a) => synthetic(a),
+        Command::Latency(a) => latency::run(a),
     }
+}
+
+fn synthetic(a: SyntheticArgs) -> Result<()> {
+    if !(1..=8).contains(&a.formats) {
+        anyhow::bail!("--formats {}: a synthetic table has 1 to 8 formats per layer", a.formats);
+    }
+    if a.layers == 0 {
+        anyhow::bail!("--layers 0: a synthetic table needs at least one layer");
+    }
+    crate::cost::synthetic(a.seed, a.layers, a.formats).save(&a.output)?;
+    eprintln!("synthetic table ({} layers × {} formats, seed {}) written to {}", a.layers, a.formats, a.seed, a.output.display());
+    Ok(())
 }
 
 fn init_logging(verbose: u8) {
@@ -196,7 +239,17 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
     let fp32 = eval::evaluate(model.as_ref(), &data, &reference)?;
     let fp32_size = eval::model_size(model.as_ref(), &QuantConfig::uniform(LayerSetting::default()).resolve(model.as_ref())?);
     let (q, size) = eval::evaluate_config(model.as_ref(), &data, &reference, &config)?;
-    let report = report_json(model.as_ref(), &data, &a.config.display().to_string(), &fp32, &q, &size);
+    let kernels = if a.kernels {
+        Some(
+            eval::kernels::evaluate_config_kernels(model.as_ref(), &data, &reference, &config).context("evaluating through the kernels")?.0,
+        )
+    } else {
+        None
+    };
+    let mut report = report_json(model.as_ref(), &data, &a.config.display().to_string(), &fp32, &q, &size);
+    if let Some(k) = &kernels {
+        report["kernels"] = serde_json::to_value(k)?;
+    }
     if let Some(out) = &a.output {
         crate::util::write_atomic(out, format!("{}\n", serde_json::to_string_pretty(&report)?).as_bytes())?;
     }
@@ -205,21 +258,40 @@ fn eval_cmd(a: EvalArgs) -> Result<()> {
         return Ok(());
     }
     println!("{} on {} ({} samples), config {}", model.name(), data.name, data.len(), a.config.display());
-    let mut t = Table::new(&["layer", "weight", "activation", "from"], &[false, false, false, false]);
-    for r in &plan {
-        t.row(vec![
+    let mut header = vec!["layer", "weight", "activation", "from"];
+    if kernels.is_some() {
+        header.push("runs on (--kernels)");
+    }
+    let mut t = Table::new(&header, &vec![false; header.len()]);
+    for (i, r) in plan.iter().enumerate() {
+        let mut row = vec![
             r.layer.name.clone(),
             r.weight.to_string(),
             r.activation.map(|f| f.to_string()).unwrap_or_else(|| "—".into()),
             r.source.clone(),
-        ]);
+        ];
+        if let Some(k) = &kernels {
+            row.push(k.layers.get(i).map(|l| l.path.to_string()).unwrap_or_default());
+        }
+        t.row(row);
     }
     print!("{}", t.render("  "));
     println!();
     let mut m = metrics_table();
     m.row(metrics_row("fp32".into(), &fp32, &fp32_size));
-    m.row(metrics_row("config".into(), &q, &size));
+    m.row(metrics_row(if kernels.is_some() { "config (fake quant)".into() } else { "config".into() }, &q, &size));
+    if let Some(k) = &kernels {
+        m.row(metrics_row("config (kernels)".into(), &k.report, &size));
+    }
     print!("{}", m.render("  "));
+    if let Some(k) = &kernels {
+        println!(
+            "kernels vs fake quantization: max |Δlogit| {:.2e} (largest |logit| {:.2}), same top-1 on {:.2} % of samples",
+            k.max_abs_diff_vs_fake,
+            k.max_abs_logit,
+            100.0 * k.agreement_vs_fake
+        );
+    }
     if let Some(out) = &a.output {
         println!("report written to {}", out.display());
     }

@@ -5,6 +5,7 @@
 //! dropped. [`metrics`] runs the model over a dataset and compares it with its FP32 self.
 
 pub mod apply;
+pub mod kernels;
 pub mod metrics;
 
 pub use apply::{apply, Applied};
