@@ -106,6 +106,17 @@ impl SplitMix64 {
         (self.next_u64() % n as u64) as usize
     }
 
+    /// A standard normal sample (Box–Muller, cosine branch only: one sample per two uniforms).
+    pub fn normal(&mut self) -> f64 {
+        let (u1, u2) = (self.next_f64().max(1e-300), self.next_f64());
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+
+    /// `n` standard normal samples as `f32`, times `scale`.
+    pub fn normals(&mut self, n: usize, scale: f64) -> Vec<f32> {
+        (0..n).map(|_| (self.normal() * scale) as f32).collect()
+    }
+
     /// Fisher–Yates shuffle.
     pub fn shuffle<T>(&mut self, v: &mut [T]) {
         for i in (1..v.len()).rev() {

@@ -179,3 +179,164 @@ fn search_writes_a_config_within_budget() {
     assert!(!o.status.success() && err.contains("smallest achievable"), "{err}");
     assert!(!cfg2.exists());
 }
+
+/// Reads a CSV written by `mixq pareto`: the header and the rows as strings.
+fn read_csv(path: &Path) -> (Vec<String>, Vec<Vec<String>>) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<String> = lines.next().unwrap().split(',').map(str::to_string).collect();
+    let rows = lines.map(|l| l.split(',').map(str::to_string).collect()).collect();
+    (header, rows)
+}
+
+fn col(header: &[String], rows: &[Vec<String>], name: &str) -> Vec<f64> {
+    let i = header.iter().position(|h| h == name).unwrap_or_else(|| panic!("no column {name} in {header:?}"));
+    rows.iter().map(|r| r[i].parse().unwrap_or_else(|_| panic!("{name}: `{}`", r[i]))).collect()
+}
+
+fn allocate_objective(d: &Path, table: &Path, budget: &str) -> Result<f64, String> {
+    let o = mixq(&["allocate", "--cost-table", table.to_str().unwrap(), "--budget", budget, "--json"], d);
+    if !o.status.success() {
+        return Err(String::from_utf8_lossy(&o.stderr).into_owned());
+    }
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    Ok(v["objective"].as_f64().unwrap())
+}
+
+/// `pareto --breakpoints` on a cost table: resource strictly up, objective strictly down; each
+/// breakpoint is `allocate`'s optimum at its own budget and one byte less gives the previous step;
+/// every point of an evenly spaced sweep lies on the step function the breakpoints define.
+#[test]
+fn pareto_breakpoints_are_the_exact_steps_of_the_front() {
+    let d = tmp("breakpoints");
+    let table = d.join("t.csv");
+    std::fs::write(&table, mixq::cost::synthetic(3, 6, 4).to_csv()).unwrap();
+    let (front, svg) = (d.join("front.csv"), d.join("front.svg"));
+    let t = table.to_str().unwrap();
+    let o = mixq(
+        &["pareto", "--cost-table", t, "--sweep", "size", "--breakpoints", "-o", front.to_str().unwrap(), "--svg", svg.to_str().unwrap()],
+        &d,
+    );
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("breakpoints of the size front"), "{out}");
+    let (h, rows) = read_csv(&front);
+    let (used, obj) = (col(&h, &rows, "size_used"), col(&h, &rows, "objective"));
+    assert!(used.len() >= 5, "{} breakpoints", used.len());
+    for i in 1..used.len() {
+        assert!(used[i] > used[i - 1] && obj[i] < obj[i - 1], "row {i}: ({}, {}) after ({}, {})", used[i], obj[i], used[i - 1], obj[i - 1]);
+    }
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * a.abs().max(b.abs()).max(1e-300);
+    for i in [0, used.len() / 2, used.len() - 1] {
+        let at = allocate_objective(&d, &table, &format!("size={}B", used[i])).unwrap();
+        assert!(close(at, obj[i]), "breakpoint {i}: allocate gives {at}, pareto {}", obj[i]);
+        match allocate_objective(&d, &table, &format!("size={}B", used[i] - 1.0)) {
+            Ok(below) => assert!(i > 0 && close(below, obj[i - 1]), "below breakpoint {i}: {below} vs previous {}", obj[i - 1]),
+            Err(e) => assert!(i == 0 && e.contains("smallest achievable"), "{e}"),
+        }
+    }
+    let svg_text = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg_text.starts_with("<svg") && svg_text.contains("predicted Σ Ω"), "{svg_text}");
+    // An evenly spaced sweep samples the same step function.
+    let sweep = d.join("sweep.csv");
+    let o = mixq(&["pareto", "--cost-table", t, "--sweep", "size", "--points", "9", "-o", sweep.to_str().unwrap()], &d);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let (hs, rs) = read_csv(&sweep);
+    for (limit, o) in col(&hs, &rs, "size_limit").into_iter().zip(col(&hs, &rs, "objective")) {
+        let k = used.iter().rposition(|&u| u <= limit * (1.0 + 1e-9)).expect("a breakpoint below every feasible limit");
+        assert!(close(o, obj[k]), "sweep at {limit}: {o}, step function {}", obj[k]);
+    }
+}
+
+/// Infeasible budgets exit non-zero with each budget's smallest achievable value and write
+/// nothing; `--robust` without standard errors says what it needs.
+#[test]
+fn allocate_infeasible_and_robust_without_report() {
+    let d = tmp("infeasible");
+    let table = d.join("t.csv");
+    std::fs::write(&table, mixq::cost::synthetic(5, 4, 3).to_csv()).unwrap();
+    let cfg = d.join("cfg.json");
+    let t = table.to_str().unwrap();
+    let o = mixq(&["allocate", "--cost-table", t, "--budget", "avg-bits=1", "--budget", "size=100%", "-o", cfg.to_str().unwrap()], &d);
+    let (_, err) = text(&o);
+    assert!(!o.status.success() && err.contains("avg-bits limit 1.000 bits/w is below the smallest achievable"), "{err}");
+    assert!(err.contains("size limit") && !err.contains("panicked"), "{err}");
+    assert!(!cfg.exists());
+    let o = mixq(&["allocate", "--cost-table", t, "--budget", "avg-bits=6", "--robust"], &d);
+    let (_, err) = text(&o);
+    assert!(!o.status.success() && err.contains("--robust needs"), "{err}");
+}
+
+/// Robust search on the TorchScript fixture, then the robust breakpoint front evaluated on data:
+/// the robust objective is never below the nominal optimum at the same budget, every point has
+/// measured columns, and the SVG carries both series.
+#[test]
+fn robust_search_and_evaluated_front() {
+    let d = tmp("robust");
+    let (cfg, sens) = (d.join("cfg.json"), d.join("sens.json"));
+    let o = mixq(
+        &[
+            "search",
+            "--model",
+            FIXTURE,
+            "--data",
+            "digits:calib",
+            "--eval-data",
+            "digits:test",
+            "--budget",
+            "avg-bits=4",
+            "--max-probes",
+            "12",
+            "--robust",
+            "-o",
+            cfg.to_str().unwrap(),
+            "--sens-output",
+            sens.to_str().unwrap(),
+        ],
+        &d,
+    );
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("Robust vs nominal") && out.contains("robust config") && out.contains("mixed (this search, robust)"), "{out}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    let r = &v["provenance"]["robust"];
+    assert_eq!(r["z"], 1.96);
+    assert!(r["robust_objective"].as_f64().unwrap() >= r["nominal_objective"].as_f64().unwrap() * (1.0 - 1e-9), "{r}");
+    let (front, svg) = (d.join("front.csv"), d.join("front.svg"));
+    let o = mixq(
+        &[
+            "pareto",
+            "--sens",
+            sens.to_str().unwrap(),
+            "--robust",
+            "2",
+            "--breakpoints",
+            "--eval",
+            "--eval-data",
+            "digits:test",
+            "-o",
+            front.to_str().unwrap(),
+            "--svg",
+            svg.to_str().unwrap(),
+        ],
+        &d,
+    );
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("robust costs: Tr + 2·s.e.") && out.contains("Measured on digits:test"), "{out}");
+    let (h, rows) = read_csv(&front);
+    let (obj, nominal, on_nominal) =
+        (col(&h, &rows, "objective"), col(&h, &rows, "nominal_optimum"), col(&h, &rows, "objective_nominal_costs"));
+    for i in 0..rows.len() {
+        assert!(obj[i] >= nominal[i] * (1.0 - 1e-9) - 1e-300, "row {i}: robust {} < nominal {}", obj[i], nominal[i]);
+        assert!(on_nominal[i] >= nominal[i] * (1.0 - 1e-9) - 1e-300, "row {i}: the nominal optimum is not optimal");
+    }
+    let kl = col(&h, &rows, "kl");
+    let acc = col(&h, &rows, "accuracy");
+    // KL of near-identical outputs comes out a few 1e-9 below zero in f32.
+    assert!(kl.iter().all(|&k| k >= -1e-6) && acc.iter().all(|a| (0.0..=1.0).contains(a)), "{kl:?} {acc:?}");
+    // The largest configuration keeps FP32's outputs far better than the smallest.
+    assert!(kl.last().unwrap() < kl.first().unwrap(), "{kl:?}");
+    let svg_text = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg_text.contains("measured KL") && svg_text.contains("robust costs") && svg_text.contains("right axis"), "svg");
+}

@@ -41,23 +41,9 @@ const NVFP4_SCALE_REL: f64 = 1e-6;
 
 // ---------------------------------------------------------------- helpers
 
-/// Deterministic standard normal samples (SplitMix64 + Box–Muller).
+/// Deterministic standard normal samples (mixq's SplitMix64, not libtorch's shared generator).
 fn gaussian(n: usize, seed: u64) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
-    let mut next = move || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        ((z >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    };
-    (0..n)
-        .map(|_| {
-            let (u, v) = (next(), next());
-            ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
-        })
-        .collect()
+    mixq::util::SplitMix64(seed).normals(n, 1.0)
 }
 
 fn tensor(v: &[f32], shape: &[i64]) -> Tensor {

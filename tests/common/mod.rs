@@ -3,7 +3,7 @@
 
 use mixq::model::{LayerInfo, LayerKind, QuantModel};
 use mixq::Result;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 /// A stand-in model for `[1, 8, 8]` images and 10 classes with four layers of random weights:
 /// config, data and evaluation logic need layers and weights, not a trained network.
@@ -21,9 +21,12 @@ impl Toy {
             mk("layer1.0.conv2", LayerKind::Conv2d, vec![32, 32, 3, 3]),
             mk("fc", LayerKind::Linear, vec![10, 64]),
         ];
-        tch::manual_seed(0);
-        let params =
-            layers.iter().map(|l| (format!("{}.weight", l.name), Tensor::randn(&l.shape, (Kind::Float, tch::Device::Cpu)))).collect();
+        // mixq's generator, not libtorch's global one that parallel test threads share.
+        let mut rng = mixq::util::SplitMix64(0);
+        let params = layers
+            .iter()
+            .map(|l| (format!("{}.weight", l.name), Tensor::from_slice(&rng.normals(l.params as usize, 1.0)).reshape(&l.shape)))
+            .collect();
         Toy { layers, params }
     }
 }
