@@ -23,6 +23,7 @@ use crate::error::{Error, Result};
 use crate::model::data::{Dataset, DIGITS_SAFETENSORS};
 use crate::model::{LayerInfo, LayerKind, QuantModel};
 use crate::quant::Format;
+use crate::sensitivity::activation::InputHooks;
 use crate::util::SplitMix64;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -463,25 +464,7 @@ impl QuantModel for DigitsResNet {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let size = x.size();
-        if size.len() != 4 || size[1..] != INPUT_SHAPE {
-            return Err(Error::Model { model: self.name.clone(), msg: format!("input has shape {size:?}; expected [N, 1, 8, 8]") });
-        }
-        let formats = self.act_quant.lock().map(|m| m.clone()).unwrap_or_default();
-        let act = |layer: &str, x: &Tensor| -> Result<Tensor> {
-            match formats.get(layer) {
-                // Straight-through estimator when a graph is being built: the values are the
-                // quantized ones, the gradient is the identity, so sensitivities and HVPs still
-                // reach the weights of earlier layers.
-                Some(f) if x.requires_grad() => {
-                    let q = crate::quant::fake_quantize_activation(x, *f)?;
-                    Ok(x + (q - x).detach())
-                }
-                Some(f) => crate::quant::fake_quantize_activation(x, *f),
-                None => Ok(x.shallow_clone()),
-            }
-        };
-        self.net.forward(x, false, &act)
+        self.forward_with_input_hook(x, &|_, x| Ok(x.shallow_clone()))
     }
 
     fn supports_activation_quant(&self) -> bool {
@@ -499,6 +482,32 @@ impl QuantModel for DigitsResNet {
             None => map.remove(layer),
         };
         Ok(())
+    }
+}
+
+impl InputHooks for DigitsResNet {
+    /// The forward pass; `hook` sees each layer's input after its activation quantizer (if any).
+    fn forward_with_input_hook(&self, x: &Tensor, hook: &dyn Fn(&str, &Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        let size = x.size();
+        if size.len() != 4 || size[1..] != INPUT_SHAPE {
+            return Err(Error::Model { model: self.name.clone(), msg: format!("input has shape {size:?}; expected [N, 1, 8, 8]") });
+        }
+        let formats = self.act_quant.lock().map(|m| m.clone()).unwrap_or_default();
+        let act = |layer: &str, x: &Tensor| -> Result<Tensor> {
+            let q = match formats.get(layer) {
+                // Straight-through estimator when a graph is being built: the values are the
+                // quantized ones, the gradient is the identity, so sensitivities and HVPs still
+                // reach the weights of earlier layers.
+                Some(f) if x.requires_grad() => {
+                    let q = crate::quant::fake_quantize_activation(x, *f)?;
+                    x + (q - x).detach()
+                }
+                Some(f) => crate::quant::fake_quantize_activation(x, *f)?,
+                None => x.shallow_clone(),
+            };
+            hook(layer, &q)
+        };
+        self.net.forward(x, false, &act)
     }
 }
 
