@@ -1,17 +1,10 @@
 //! The `mixq` binary end to end: exit codes, messages, and files written (or not) on error.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn mixq(args: &[&str], home: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mixq"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("MIXQ_HOME", home)
-        .env_remove("LD_LIBRARY_PATH")
-        .output()
-        .expect("the mixq binary runs")
-}
+use common::mixq;
+use std::path::{Path, PathBuf};
+use std::process::Output;
 
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("mixq-cli-{}-{name}", std::process::id()));

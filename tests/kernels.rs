@@ -4,6 +4,8 @@
 //! format the kernels store, per-channel and per-group, min–max and MSE clipping, and every
 //! scale storage type. Then the CPU kernels on those weights against a libtorch FP32 matmul.
 
+mod common;
+
 use mixq::quant::{dequantize, fake_quantize, quantize, Clipping, Format, Granularity, QuantSpec, ScaleType};
 use mixq_kernels::{matmul, PackedWeight, WeightFormat};
 use tch::{Kind, Tensor};
@@ -248,15 +250,6 @@ fn torchscript_models_are_rejected_with_a_reason() {
     assert!(err.contains("digits-resnet") && err.contains("without --kernels"), "{err}");
 }
 
-fn mixq_bin(args: &[&str], home: &std::path::Path) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_mixq"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("MIXQ_HOME", home)
-        .output()
-        .expect("the mixq binary runs")
-}
-
 /// `mixq latency` → CSV → `mixq allocate --latency … --budget latency=…` on the zoo model: the
 /// table parses with the allocator's reader and has every layer × format, the allocation's summed
 /// latency (looked up in the table) is within the budget, a budget below the fastest configuration
@@ -269,7 +262,7 @@ fn latency_table_drives_a_latency_budget() {
     // The zoo model is trained once per target directory, not once per run.
     let home = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("mixq-home");
     let formats = "int4,int8,fp8-e4m3,fp32";
-    let o = mixq_bin(&["latency", "--formats", formats, "--reps", "3", "--warmup", "1", "-o", &p("lat.csv")], &home);
+    let o = common::mixq(&["latency", "--formats", formats, "--reps", "3", "--warmup", "1", "-o", &p("lat.csv")], &home);
     let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
     assert!(o.status.success(), "{err}");
     assert!(out.contains("layer3.0.conv2") && out.contains("total (uniform)"), "{out}");
@@ -287,10 +280,10 @@ fn latency_table_drives_a_latency_budget() {
         (a + v.iter().cloned().fold(f64::INFINITY, f64::min), b + v.iter().cloned().fold(0.0, f64::max))
     });
     let budget = (500.0 * (fastest + slowest)).floor() / 1000.0;
-    let o = mixq_bin(&["sensitivity", "--max-probes", "4", "--min-probes", "2", "-o", &p("sens.json")], &home);
+    let o = common::mixq(&["sensitivity", "--max-probes", "4", "--min-probes", "2", "-o", &p("sens.json")], &home);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let budget_arg = format!("latency={budget:.3}us");
-    let o = mixq_bin(
+    let o = common::mixq(
         &[
             "allocate",
             "--sens",
@@ -312,7 +305,7 @@ fn latency_table_drives_a_latency_budget() {
     assert!(used <= budget * (1.0 + 1e-9), "allocation uses {used} µs, budget {budget} µs");
     // Below the fastest configuration: infeasible, nothing written.
     let tight = format!("latency={:.3}us", 0.9 * fastest);
-    let o = mixq_bin(
+    let o = common::mixq(
         &[
             "allocate",
             "--sens",
@@ -330,7 +323,7 @@ fn latency_table_drives_a_latency_budget() {
     );
     assert!(!o.status.success() && !d.join("none.json").exists());
     // A format without a kernel.
-    let o = mixq_bin(&["latency", "--formats", "int4,int3", "-o", &p("bad.csv")], &home);
+    let o = common::mixq(&["latency", "--formats", "int4,int3", "-o", &p("bad.csv")], &home);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("`int3`") && err.contains("fp8-e4m3") && !d.join("bad.csv").exists(), "{err}");
 }

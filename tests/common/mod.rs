@@ -3,7 +3,22 @@
 
 use mixq::model::{LayerInfo, LayerKind, QuantModel};
 use mixq::Result;
+use std::path::Path;
+use std::process::{Command, Output};
 use tch::Tensor;
+
+/// The `mixq` binary, run from the repository root with `MIXQ_HOME=home` and without
+/// `LD_LIBRARY_PATH` (the binary must find libtorch through its own rpath).
+pub fn mixq_command(home: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_mixq"));
+    c.args(args).current_dir(env!("CARGO_MANIFEST_DIR")).env("MIXQ_HOME", home).env_remove("LD_LIBRARY_PATH");
+    c
+}
+
+/// Runs `mixq args…` to completion (see [`mixq_command`]).
+pub fn mixq(args: &[&str], home: &Path) -> Output {
+    mixq_command(home, args).output().expect("the mixq binary runs")
+}
 
 /// A stand-in model for `[1, 8, 8]` images and 10 classes with four layers of random weights:
 /// config, data and evaluation logic need layers and weights, not a trained network.
