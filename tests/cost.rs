@@ -64,6 +64,7 @@ fn report(traces: [f64; 2]) -> SensitivityReport {
         fisher_trace: Some(2.0 * trace.abs()),
         measured_delta_loss: [("int2".to_string(), 0.5), ("int4".to_string(), 0.1), ("int8".to_string(), 0.01)].into_iter().collect(),
         extra: Default::default(),
+        ..Default::default()
     };
     SensitivityReport {
         format: "mixq.sensitivity-report".into(),
@@ -232,4 +233,91 @@ fn robust_costs_need_standard_errors_and_the_hessian_proxy() {
         let e = CostTable::build_nominal_and_robust(&m, &r, &cands, &BuildOptions::default(), bad).unwrap_err().to_string();
         assert!(e.contains("--robust"), "{e}");
     }
+}
+
+// ---- Activation formats in the cost model (issue 4). ----
+
+/// Activation formats searched with the weights on the zoo model: (weight, activation) pair
+/// options, Ω = Ω_w + (Tr_a/n_a)·E‖Q_a(a) − a‖², BOPs proportional to the activation bits, a
+/// BOPs budget pushes activations down, and the config carries the activation formats.
+#[test]
+fn activation_formats_make_pair_options_with_both_terms() -> anyhow::Result<()> {
+    use mixq::alloc::{solve, Budget, Constraints, SolverKind};
+    use mixq::config::QuantConfig;
+    use mixq::cost::{pair_label, parse_activation_formats, ActivationErrors};
+    use mixq::model::data::Dataset;
+    use mixq::model::zoo::DigitsResNet;
+    use mixq::quant::Format;
+    use mixq::sensitivity::{estimate, Estimator, SensitivitySettings, TraceSettings};
+
+    let model = DigitsResNet::untrained();
+    let data = Dataset::digits("calib")?.take(24);
+    let s = SensitivitySettings {
+        estimators: vec![Estimator::Activation],
+        batch_size: 12,
+        trace: TraceSettings { seed: 1, min_probes: 2, max_probes: 4, block: 2, ..Default::default() },
+        ..Default::default()
+    };
+    let mut report = estimate(&model, &data, &s, &mut |_| {})?;
+    for (i, l) in report.layers.iter_mut().enumerate() {
+        l.trace = Some(1.0 + i as f64);
+        // The activation term must be visible next to the weight term of this untrained model.
+        l.activation_trace = l.activation_trace.map(|t| t.abs().max(1e-3) * 1e3);
+    }
+    let acts = parse_activation_formats("int8,fp32")?;
+    assert_eq!(acts, [Format::Int { bits: 8, signed: true }, Format::Fp32]);
+    let ae = ActivationErrors::measure(&model, &data, &acts, 10)?;
+    let cands = parse_candidates("int4,int8")?;
+    let weights_only = CostTable::build(&model, &report, &cands, &BuildOptions::default())?;
+    let pairs = CostTable::build(&model, &report, &cands, &BuildOptions { activations: Some(ae.clone()), ..Default::default() })?;
+    for (lw, lp) in weights_only.layers.iter().zip(&pairs.layers) {
+        let sens = report.layer(&lp.name)?;
+        let fa = sens.activation_trace.unwrap() / sens.activation_numel.unwrap() as f64;
+        let errs = ae.layer(&lp.name)?;
+        assert!(errs[0] > 0.0 && errs[1] == 0.0, "{}: errors {errs:?}", lp.name);
+        assert_eq!(lp.options.len(), 4, "{}", lp.name);
+        for w in &lw.options {
+            for (f, e) in acts.iter().zip(errs) {
+                let label = pair_label(&w.format, *f);
+                let o = lp.option(&label).unwrap_or_else(|| panic!("{}: no option {label}", lp.name));
+                let want = w.cost + fa * e;
+                assert!((o.cost - want).abs() <= OMEGA_RTOL * want.abs(), "{} {label}: Ω {} vs {want}", lp.name, o.cost);
+                assert_eq!((o.bytes, o.bits), (w.bytes, w.bits));
+                assert_eq!(o.bops, w.bops * f64::from(f.bits()) / 32.0, "{} {label}", lp.name);
+            }
+        }
+    }
+    // Unconstrained: fp32 inputs cost nothing. A BOPs budget of int8×int8 everywhere moves some
+    // layers to int8 inputs; the smallest possible BOPs (int4×int8 everywhere) moves all.
+    let free = solve(&pairs, &Constraints::default(), SolverKind::Exact)?;
+    assert!(free.layers.iter().all(|l| l.format.ends_with("@fp32")), "{:?}", free.layers);
+    let macs: f64 = model.layers().iter().map(|l| l.macs as f64).sum();
+    let bops = |a: &mixq::alloc::Allocation| a.layers.iter().map(|l| l.bops).sum::<f64>();
+    let int8_inputs = |a: &mixq::alloc::Allocation| a.layers.iter().filter(|l| l.format.ends_with("@int8")).count();
+    let budget: Budget = format!("bops={}", macs * 64.0).parse()?;
+    let tight = solve(&pairs, &Constraints { budgets: vec![budget], ..Default::default() }, SolverKind::Exact)?;
+    assert!(bops(&tight) <= macs * 64.0 && int8_inputs(&tight) > 0, "{:?}", tight.layers);
+    let budget: Budget = format!("bops={}", macs * 32.0).parse()?;
+    let tightest = solve(&pairs, &Constraints { budgets: vec![budget], ..Default::default() }, SolverKind::Exact)?;
+    assert!(tightest.layers.iter().all(|l| l.format == "int4@int8"), "{:?}", tightest.layers);
+    assert!(tightest.objective >= tight.objective && tight.objective >= free.objective);
+    // The config carries the activation formats, round-trips through JSON, and resolves.
+    let cfg = tight.to_config(None)?;
+    let back = QuantConfig::from_json(&cfg.to_json(), Path::new("cfg.json"))?;
+    assert_eq!(back, cfg);
+    for (r, l) in back.resolve(&model)?.iter().zip(&tight.layers) {
+        let want = if l.format.ends_with("@int8") { Some(acts[0]) } else { None };
+        assert_eq!(r.activation, want, "{} {}", r.layer.name, l.format);
+        assert_eq!(Some(spec_label(&r.weight).as_str()), l.format.split('@').next());
+    }
+    let cfg_free = free.to_config(None)?;
+    assert!(cfg_free.layers.values().all(|s| s.activation.is_none()));
+    // A report without activation traces is refused with what to run.
+    let plain = SensitivityReport {
+        layers: report.layers.iter().map(|l| LayerSensitivity { activation_trace: None, ..l.clone() }).collect(),
+        ..report.clone()
+    };
+    let err = CostTable::build(&model, &plain, &cands, &BuildOptions { activations: Some(ae), ..Default::default() }).unwrap_err();
+    assert!(format!("{err}").contains("--estimator hutchpp,activation"), "{err}");
+    Ok(())
 }

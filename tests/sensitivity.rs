@@ -588,3 +588,63 @@ fn cli_killed_run_resumes_to_the_same_report_and_shards_merge() -> Result<()> {
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+// ---- Activation sensitivity (issue 3, HAWQ-V2). ----
+
+/// Activation traces through `estimate` on the zoo model: finite, with a standard error, for
+/// every layer, next to the weight estimators; the same seed gives the same bytes; cached like
+/// the other deterministic estimators; refused for shards and for TorchScript models.
+#[test]
+fn activation_estimator_gives_finite_traces_and_refuses_torchscript() -> Result<()> {
+    let model = DigitsResNet::untrained();
+    let data = calib(24)?;
+    let s = SensitivitySettings {
+        estimators: vec![Estimator::Fisher, Estimator::Activation],
+        batch_size: 12,
+        trace: TraceSettings { seed: 3, tol: 1e-9, tol_floor: 0.0, min_probes: 2, max_probes: 4, block: 2, ..Default::default() },
+        ..Default::default()
+    };
+    let r = estimate(&model, &data, &s, &mut |_| {})?;
+    assert_eq!(r.layers.len(), model.layers().len());
+    for (l, info) in r.layers.iter().zip(model.layers()) {
+        assert_eq!(l.name, info.name);
+        let (t, se) = (l.activation_trace.expect("activation trace"), l.activation_trace_std_err.expect("its standard error"));
+        assert!(t.is_finite() && se.is_finite() && se >= 0.0, "{}: trace {t} ± {se}", l.name);
+        assert!(l.activation_numel.is_some_and(|n| n > 0), "{}: numel {:?}", l.name, l.activation_numel);
+        assert_eq!(l.activation_probes, Some(4), "{}", l.name);
+        assert_eq!(l.activation_converged, Some(false), "{}: tol 1e-9 cannot be met in 4 probes", l.name);
+        assert!(l.fisher_trace.is_some_and(f64::is_finite), "{}", l.name);
+        assert!(l.activation_trace_per_element().is_some_and(f64::is_finite));
+    }
+    // The stem sees the 1×8×8 image; the classifier its 128 pooled features.
+    assert_eq!(r.layers[0].activation_numel, Some(64));
+    assert_eq!(r.layers.last().and_then(|l| l.activation_numel), Some(128));
+    // Same seed → same bytes; the JSON round-trips; the table shows the activation columns.
+    let again = estimate(&model, &data, &s, &mut |_| {})?;
+    assert_eq!(r.to_json(), again.to_json());
+    assert_eq!(SensitivityReport::from_json(&r.to_json(), Path::new("r.json"))?, r);
+    let table = mixq::cli::sensitivity::render(&r);
+    assert!(table.contains("act trace ± 95% CI") && table.contains("act Tr/n"), "{table}");
+    // Old reports (no activation fields) still load, and write no activation fields.
+    let plain = estimate(&model, &data, &SensitivitySettings { estimators: vec![Estimator::Fisher], ..s.clone() }, &mut |_| {})?;
+    assert!(!plain.to_json().contains("activation"), "{}", plain.to_json());
+    // Cached like the other deterministic estimators.
+    let dir = scratch("activation");
+    let opts = RunOptions { cache_dir: Some(dir.clone()), ..Default::default() };
+    let first = estimate_with(&model, &data, &s, &opts, &mut |_| {})?;
+    let second = estimate_with(&model, &data, &s, &opts, &mut |_| {})?;
+    assert_eq!(first.origin, Origin::Computed);
+    assert!(matches!(second.origin, Origin::Cached(_)), "{:?}", second.origin);
+    assert_eq!(first.json, second.json);
+    assert_eq!(first.report, r);
+    std::fs::remove_dir_all(&dir)?;
+    // Not shardable.
+    let sharded = SensitivitySettings { estimators: vec![Estimator::Activation], ..with_shard(&s, 0, 2) };
+    expect_err(estimate(&model, &data, &sharded, &mut |_| {}), &["--shard", "activation", "without --shard"]);
+    // TorchScript: a clear error before any work.
+    let ts = TorchScriptModel::load(&fixture("tiny_cnn.pt"), &data.x.narrow(0, 0, 4))?;
+    assert!(ts.input_hooks().is_none());
+    let only = SensitivitySettings { estimators: vec![Estimator::Activation], ..s.clone() };
+    expect_err(estimate(&ts, &data, &only, &mut |_| {}), &["activation sensitivity", "native", "TorchScript"]);
+    Ok(())
+}

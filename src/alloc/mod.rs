@@ -181,10 +181,12 @@ impl Allocation {
         let mut cfg = QuantConfig::uniform(LayerSetting::default());
         cfg.model = model;
         for l in &self.layers {
-            let spec = crate::cost::parse_spec(&l.format).map_err(|e| {
+            let (spec, act) = crate::cost::parse_option(&l.format).map_err(|e| {
                 Error::invalid(format!("format of layer `{}`", l.name), &l.format, format!("cannot be written as a quant config: {e}"))
             })?;
-            cfg.layers.insert(l.name.clone(), LayerSetting::weight(spec));
+            // fp32 inputs are the model's own: no activation quantizer.
+            let setting = LayerSetting { activation: act.filter(|f| *f != crate::quant::Format::Fp32), ..LayerSetting::weight(spec) };
+            cfg.layers.insert(l.name.clone(), setting);
         }
         cfg.provenance.insert("tool".into(), json!(format!("mixq {}", env!("CARGO_PKG_VERSION"))));
         cfg.provenance.insert("solver".into(), json!(self.solver));

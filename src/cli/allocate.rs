@@ -31,9 +31,15 @@ pub struct CostArgs {
     /// Predicted loss increase Ω: hessian (Tr(H)/n·‖ΔW‖²), measured, fisher, weight-error.
     #[arg(long, value_enum, default_value_t = Proxy::Hessian)]
     pub proxy: Proxy,
-    /// Activation bits counted in BOPs.
+    /// Activation bits counted in BOPs (without --act-formats).
     #[arg(long, default_value_t = 32)]
     pub act_bits: u32,
+    /// Also search each layer's input-activation format, comma-separated (e.g. `int8,fp32`):
+    /// options become `WEIGHT@ACT` pairs, Ω adds (Tr(H_a)/n_a)·E‖Q_a(a) − a‖² measured on the
+    /// report's data, BOPs use the activation bits. Needs a native model and a report made with
+    /// `--estimator hutchpp,activation`.
+    #[arg(long)]
+    pub act_formats: Option<String>,
     /// Latency table (CSV `layer,format,latency_us`) for latency budgets.
     #[arg(long)]
     pub latency: Option<PathBuf>,
@@ -146,7 +152,20 @@ pub fn costs(a: &CostArgs) -> Result<Costs> {
             None => crate::cost::default_candidates(),
         };
         let latency = a.latency.as_ref().map(|p| LatencyTable::load(p)).transpose()?;
-        let opts = BuildOptions { proxy: a.proxy, activation_bits: a.act_bits, latency, robust_z: None };
+        let activations = match &a.act_formats {
+            None => None,
+            Some(list) => {
+                let formats = crate::cost::parse_activation_formats(list)?;
+                let Some(hooks) = m.input_hooks() else {
+                    bail!("--act-formats needs a native mixq model (e.g. digits-resnet); `{spec}` is a TorchScript module, whose activations mixq cannot quantize")
+                };
+                let calib = Dataset::load(&data_spec).with_context(|| format!("loading data `{data_spec}`"))?.into_kind(m.input_kind())?;
+                calib.check_for(m.as_ref())?;
+                prov.insert("act_formats".into(), json!(formats.iter().map(|f| f.to_string()).collect::<Vec<_>>()));
+                Some(crate::cost::ActivationErrors::measure(hooks, &calib, &formats, crate::sensitivity::DEFAULT_BATCH_SIZE)?)
+            }
+        };
+        let opts = BuildOptions { proxy: a.proxy, activation_bits: a.act_bits, latency, robust_z: None, activations };
         let t = match a.robust {
             Some(z) => {
                 let (t, r) = CostTable::build_nominal_and_robust(m.as_ref(), &report, &candidates, &opts, z)?;

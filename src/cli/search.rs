@@ -66,6 +66,11 @@ pub struct SearchArgs {
     /// 1.96), report which layers change against the nominal allocation, and evaluate both.
     #[arg(long, value_name = "Z", num_args = 0..=1, default_missing_value = "1.96")]
     pub robust: Option<f64>,
+    /// Also search each layer's input-activation format, comma-separated (e.g. `int8,fp32`):
+    /// adds activation traces to the sensitivity run; options become `WEIGHT@ACT` pairs, Ω adds
+    /// (Tr(H_a)/n_a)·E‖Q_a(a) − a‖², BOPs use the activation bits (native models only).
+    #[arg(long)]
+    pub act_formats: Option<String>,
 }
 
 /// Runs `mixq search`.
@@ -87,9 +92,20 @@ pub fn run(a: SearchArgs) -> Result<()> {
         Dataset::load(&a.eval_data).with_context(|| format!("loading data `{}`", a.eval_data))?.into_kind(model.input_kind())?;
     eval_data.check_for(model.as_ref())?;
 
-    // 1. Sensitivity.
+    // 1. Sensitivity (and activation traces when activation formats are searched).
+    let act_formats = a.act_formats.as_deref().map(crate::cost::parse_activation_formats).transpose()?;
+    if act_formats.is_some() && model.input_hooks().is_none() {
+        bail!(
+            "--act-formats needs a native mixq model (e.g. digits-resnet); `{}` is a TorchScript module, whose activations mixq cannot quantize",
+            model.name()
+        );
+    }
+    let mut estimators = vec![estimator];
+    if act_formats.is_some() {
+        estimators.push(Estimator::Activation);
+    }
     let settings = SensitivitySettings {
-        estimators: vec![estimator],
+        estimators,
         trace: TraceSettings { tol: a.tol, max_probes: a.max_probes, seed: a.seed, ..TraceSettings::default() },
         ..SensitivitySettings::default()
     };
@@ -119,7 +135,14 @@ pub fn run(a: SearchArgs) -> Result<()> {
     }
 
     // 2. Costs and allocation.
-    let opts = BuildOptions { proxy: Proxy::Hessian, activation_bits: 32, latency: None, robust_z: None };
+    let activations = match &act_formats {
+        None => None,
+        Some(formats) => {
+            let hooks = model.input_hooks().expect("checked before the sensitivity run");
+            Some(crate::cost::ActivationErrors::measure(hooks, &calib, formats, settings.batch_size)?)
+        }
+    };
+    let opts = BuildOptions { proxy: Proxy::Hessian, activation_bits: 32, latency: None, robust_z: None, activations };
     let (alloc, cmp) = match a.robust {
         Some(z) => {
             let (nominal, robust) = CostTable::build_nominal_and_robust(model.as_ref(), &report, &candidates, &opts, z)?;
@@ -137,6 +160,9 @@ pub fn run(a: SearchArgs) -> Result<()> {
                "max_probes": a.max_probes, "hvps": hvps, "layers_converged": report.layers.len() - unconverged}),
     );
     config.provenance.insert("candidates".into(), json!(candidates.iter().map(crate::cost::spec_label).collect::<Vec<_>>()));
+    if let Some(f) = &act_formats {
+        config.provenance.insert("act_formats".into(), json!(f.iter().map(|f| f.to_string()).collect::<Vec<_>>()));
+    }
     if let Some(cmp) = &cmp {
         config.provenance.insert("robust".into(), robust_provenance(cmp));
     }

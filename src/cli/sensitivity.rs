@@ -30,7 +30,9 @@ pub struct SensitivityArgs {
     #[arg(long, default_value = "digits:calib")]
     pub data: String,
     /// Estimators, comma-separated: hutchinson, hutchpp, fisher, grad (|g·ΔW| and ‖ΔW‖² per
-    /// format), measured (loss increase per layer and format), eigen (top eigenvalue per layer).
+    /// format), measured (loss increase per layer and format), eigen (top eigenvalue per layer),
+    /// activation (trace of the Hessian w.r.t. each layer's input, HAWQ-V2; native models only;
+    /// uses --tol, --min-probes, --max-probes and --seed).
     #[arg(long, value_delimiter = ',', default_value = "hutchinson")]
     pub estimator: Vec<String>,
     /// Curvature of the trace and eigenvalue estimators: hessian, or ggn (Gauss–Newton, PSD).
@@ -259,6 +261,7 @@ pub fn render(r: &SensitivityReport) -> String {
     let has_trace = r.layers.iter().any(|l| l.trace.is_some());
     let has_fisher = r.layers.iter().any(|l| l.fisher_trace.is_some());
     let has_eig = r.layers.iter().any(|l| l.top_eigenvalue.is_some());
+    let has_act = r.layers.iter().any(|l| l.activation_trace.is_some());
     let measured: Vec<String> = r.layers.first().map(|l| l.measured_delta_loss.keys().cloned().collect()).unwrap_or_default();
     let mut head: Vec<String> = vec!["layer".into(), "params".into()];
     if has_trace {
@@ -270,8 +273,11 @@ pub fn render(r: &SensitivityReport) -> String {
     if has_eig {
         head.push("top eig".into());
     }
+    if has_act {
+        head.extend(["act trace ± 95% CI".into(), "act Tr/n".into(), "act probes".into(), "act conv".into()]);
+    }
     head.extend(measured.iter().map(|f| format!("ΔL {f}")));
-    let right: Vec<bool> = head.iter().map(|h| h != "layer" && h != "converged").collect();
+    let right: Vec<bool> = head.iter().map(|h| h != "layer" && h != "converged" && h != "act conv").collect();
     let head_ref: Vec<&str> = head.iter().map(String::as_str).collect();
     let mut t = Table::new(&head_ref, &right);
     for l in &r.layers {
@@ -288,6 +294,17 @@ pub fn render(r: &SensitivityReport) -> String {
         }
         if has_eig {
             row.push(l.top_eigenvalue.map(|t| format!("{t:.3e}")).unwrap_or_else(|| "—".into()));
+        }
+        if has_act {
+            let ci = l.extra.get("activation_trace_ci95").and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
+            row.push(l.activation_trace.map(|t| format!("{t:.4e} ± {ci:.1e}")).unwrap_or_else(|| "—".into()));
+            row.push(l.activation_trace_per_element().map(|t| format!("{t:.3e}")).unwrap_or_else(|| "—".into()));
+            row.push(l.activation_probes.map(|p| p.to_string()).unwrap_or_else(|| "—".into()));
+            row.push(match l.activation_converged {
+                Some(true) => "yes".into(),
+                Some(false) => "NO".into(),
+                None => "—".into(),
+            });
         }
         for f in &measured {
             row.push(l.measured_delta_loss.get(f).map(|v| format!("{v:.2e}")).unwrap_or_else(|| "—".into()));
@@ -307,6 +324,13 @@ pub fn render(r: &SensitivityReport) -> String {
     if unconverged > 0 {
         s.push_str(&format!(
             "{unconverged} layer(s) did not reach the tolerance within {} probes: raise --max-probes or --tol\n",
+            r.settings["max_probes"]
+        ));
+    }
+    let act_unconverged = r.layers.iter().filter(|l| l.activation_converged == Some(false)).count();
+    if act_unconverged > 0 {
+        s.push_str(&format!(
+            "{act_unconverged} layer(s) did not reach the tolerance on the activation trace within {} probes: raise --max-probes or --tol\n",
             r.settings["max_probes"]
         ));
     }

@@ -2,13 +2,16 @@
 
 use super::{spec_label, CostOption, CostTable, LayerCosts};
 use crate::error::{Error, Result};
+use crate::model::data::Dataset;
 use crate::model::QuantModel;
-use crate::quant::{fake_quantize, Format, Granularity, QuantSpec};
+use crate::quant::{fake_quantize, fake_quantize_activation, Format, Granularity, QuantSpec};
+use crate::sensitivity::activation::InputHooks;
 use crate::sensitivity::report::{LayerSensitivity, SensitivityReport};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
-use tch::Kind;
+use tch::{Kind, Tensor};
 
 /// Which predicted loss increase Ω a cost table uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -78,8 +81,12 @@ fn normalize_label(label: &str) -> String {
 pub struct BuildOptions {
     /// The objective.
     pub proxy: Proxy,
-    /// Activation bits in BOPs (32 unless activations are quantized).
+    /// Activation bits in BOPs (32 unless activations are quantized); unused with `activations`.
     pub activation_bits: u32,
+    /// Search activation formats too: each layer's options become (weight, activation) pairs
+    /// labelled `WEIGHT@ACT` ([`pair_label`]), Ω gains (Tr(H_a)/n_a)·E‖Q_a(a) − a‖² (needs the
+    /// report's activation traces) and BOPs use the activation format's bits.
+    pub activations: Option<ActivationErrors>,
     /// Measured latencies, if any.
     pub latency: Option<LatencyTable>,
     /// Robust costs: use each layer's upper confidence bound Tr + z·s.e. (clamped at 0) instead of
@@ -89,8 +96,108 @@ pub struct BuildOptions {
 
 impl Default for BuildOptions {
     fn default() -> Self {
-        BuildOptions { proxy: Proxy::Hessian, activation_bits: 32, latency: None, robust_z: None }
+        BuildOptions { proxy: Proxy::Hessian, activation_bits: 32, latency: None, robust_z: None, activations: None }
     }
+}
+
+/// The label of a (weight, activation) option: `int4@int8` (weights `int4`, inputs `int8`).
+pub fn pair_label(weight_label: &str, activation: Format) -> String {
+    format!("{weight_label}@{activation}")
+}
+
+/// Activation quantization errors on calibration data: per layer and activation format, the mean
+/// per-sample ‖Q_a(a) − a‖² of the layer's input a, with Q_a = [`fake_quantize_activation`] (what
+/// evaluation applies; per-sample dynamic scale, so the value does not depend on batching).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActivationErrors {
+    /// The activation formats, in option order.
+    pub formats: Vec<Format>,
+    /// Per layer (model order): name and the error of each format.
+    pub layers: Vec<(String, Vec<f64>)>,
+}
+
+impl ActivationErrors {
+    /// Measures the errors of `formats` (fp32: 0) at every quantizable layer's input through the
+    /// hooked forward pass over `data`, in batches of `batch_size`.
+    pub fn measure(model: &dyn InputHooks, data: &Dataset, formats: &[Format], batch_size: usize) -> Result<Self> {
+        if formats.is_empty() {
+            return Err(Error::invalid("--act-formats", "", "give at least one activation format, e.g. int8,fp32"));
+        }
+        if data.is_empty() {
+            return Err(Error::Data { source_name: data.name.clone(), msg: "no samples: activation errors need calibration data".into() });
+        }
+        let sums: RefCell<Vec<(String, Vec<f64>)>> =
+            RefCell::new(model.layers().iter().map(|l| (l.name.clone(), vec![0.0; formats.len()])).collect());
+        let failed: RefCell<Option<Error>> = RefCell::new(None);
+        for (x, _) in data.batches(batch_size.max(1)) {
+            let hook = |layer: &str, a: &Tensor| -> Result<Tensor> {
+                let mut sums = sums.borrow_mut();
+                let Some((_, row)) = sums.iter_mut().find(|(n, _)| n == layer) else {
+                    return Ok(a.shallow_clone());
+                };
+                for (acc, &f) in row.iter_mut().zip(formats) {
+                    if f != Format::Fp32 {
+                        let q = fake_quantize_activation(a, f)?;
+                        *acc += (q - a.to_kind(Kind::Float)).f_square()?.f_sum(Kind::Double)?.f_double_value(&[])?;
+                    }
+                }
+                Ok(a.shallow_clone())
+            };
+            if let Err(e) = tch::no_grad(|| model.forward_with_input_hook(&x, &hook)) {
+                *failed.borrow_mut() = Some(e);
+                break;
+            }
+        }
+        if let Some(e) = failed.into_inner() {
+            return Err(e);
+        }
+        let n = data.len() as f64;
+        let layers = sums.into_inner().into_iter().map(|(name, row)| (name, row.into_iter().map(|v| v / n).collect())).collect();
+        Ok(ActivationErrors { formats: formats.to_vec(), layers })
+    }
+
+    /// The errors of layer `name`.
+    pub fn layer(&self, name: &str) -> Result<&[f64]> {
+        self.layers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_slice())
+            .ok_or_else(|| Error::invalid("activation errors", name, "no activation errors were measured for this layer (another model?)"))
+    }
+}
+
+/// Parses a comma-separated activation-format list such as `int8,fp32`.
+pub fn parse_activation_formats(list: &str) -> Result<Vec<Format>> {
+    let mut out: Vec<Format> = Vec::new();
+    for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let f: Format = item.parse().map_err(|e: Error| Error::invalid("--act-formats", list, e.to_string()))?;
+        if !out.contains(&f) {
+            out.push(f);
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::invalid("--act-formats", list, "give at least one activation format, e.g. int8,fp32"));
+    }
+    Ok(out)
+}
+
+/// (Tr(H_a)/n_a) of a layer from the report, clamped at 0; an error naming what to run if absent.
+fn activation_factor(sens: &LayerSensitivity) -> Result<f64> {
+    let v = sens.activation_trace_per_element().ok_or_else(|| {
+        Error::invalid(
+            format!("sensitivity of layer `{}`", sens.name),
+            "activation_trace",
+            "--act-formats needs the activation traces of every layer: make the report with \
+             `mixq sensitivity --estimator hutchpp,activation` (native models only)",
+        )
+    })?;
+    if !v.is_finite() {
+        return Err(Error::invalid(format!("sensitivity of layer `{}`", sens.name), v.to_string(), "`activation_trace` is not finite"));
+    }
+    if v < 0.0 {
+        tracing::warn!(layer = %sens.name, "activation trace {v:.3e} is negative (estimate noise); clamped to 0");
+    }
+    Ok(v.max(0.0))
 }
 
 /// z of a two-sided 95 % normal interval, the default of `--robust`.
@@ -198,20 +305,31 @@ fn build_tables(
                 (q - &w).f_square()?.f_sum(Kind::Double)?.f_double_value(&[])?
             };
             let bits = spec.storage_bits(&info.shape);
-            let latency_us = opts.latency.as_ref().and_then(|t| t.entries.get(&(info.name.clone(), label.clone())).copied());
-            for (out, factor) in options.iter_mut().zip(&factors) {
-                let cost = match opts.proxy {
-                    Proxy::Measured => measured(sens, spec, &label)?,
-                    _ => factor * err2,
-                };
-                out.push(CostOption {
-                    format: label.clone(),
-                    cost,
-                    bytes: bits.div_ceil(8),
-                    bits,
-                    bops: info.macs as f64 * f64::from(spec.format.bits()) * f64::from(opts.activation_bits),
-                    latency_us,
-                });
+            // One option per activation format (or one with the fixed activation bits).
+            let acts: Vec<(String, f64, u32)> = match &opts.activations {
+                None => vec![(label.clone(), 0.0, opts.activation_bits)],
+                Some(ae) => {
+                    let fa = activation_factor(sens)?;
+                    let errs = ae.layer(&info.name)?;
+                    ae.formats.iter().zip(errs).map(|(&f, &e)| (pair_label(&label, f), fa * e, f.bits())).collect()
+                }
+            };
+            for (option_label, act_cost, act_bits) in acts {
+                let latency_us = opts.latency.as_ref().and_then(|t| t.entries.get(&(info.name.clone(), option_label.clone())).copied());
+                for (out, factor) in options.iter_mut().zip(&factors) {
+                    let cost = match opts.proxy {
+                        Proxy::Measured => measured(sens, spec, &label)?,
+                        _ => factor * err2,
+                    };
+                    out.push(CostOption {
+                        format: option_label.clone(),
+                        cost: cost + act_cost,
+                        bytes: bits.div_ceil(8),
+                        bits,
+                        bops: info.macs as f64 * f64::from(spec.format.bits()) * f64::from(act_bits),
+                        latency_us,
+                    });
+                }
             }
         }
         if options[0].is_empty() {

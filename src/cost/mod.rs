@@ -8,13 +8,19 @@
 //!
 //! [`CostTable::build`] makes a table from a model and a [`SensitivityReport`]; the default
 //! objective is HAWQ-V2/V3's Ω_i(f) = (Tr(H_i)/n_i)·‖Q_f(W_i) − W_i‖², alternatives are chosen by
-//! [`Proxy`]. [`io`] reads and writes tables.
+//! [`Proxy`]. With activation formats ([`BuildOptions::activations`]) each option is a (weight,
+//! activation) pair labelled `WEIGHT@ACT`, whose Ω adds HAWQ-V2's activation term
+//! (Tr(H_a)/n_a)·E‖Q_a(a) − a‖² and whose BOPs use the activation bits. [`io`] reads and writes
+//! tables.
 
 mod build;
 pub mod io;
 mod synthetic;
 
-pub use build::{check_robust_z, default_candidates, parse_candidates, BuildOptions, LatencyTable, Proxy, ROBUST_Z_DEFAULT};
+pub use build::{
+    check_robust_z, default_candidates, pair_label, parse_activation_formats, parse_candidates, ActivationErrors, BuildOptions,
+    LatencyTable, Proxy, ROBUST_Z_DEFAULT,
+};
 pub use synthetic::synthetic;
 
 use crate::error::{Error, Result};
@@ -26,7 +32,8 @@ use serde::{Deserialize, Serialize};
 pub struct CostOption {
     /// The format label: `int4` (per-channel, default scale, min–max), or a full spec such as
     /// `int4/group:32` or `fp4-e2m1/group:16/e4m3/mse` (see [`spec_label`]); user tables may use
-    /// any label, but only labels that parse as a spec can be written as a quant config.
+    /// any label, but only labels that parse as a spec can be written as a quant config. With
+    /// activation formats: `WEIGHT@ACT`, e.g. `int4@int8` ([`parse_option`]).
     pub format: String,
     /// Predicted loss increase Ω (the objective the allocator minimizes).
     pub cost: f64,
@@ -43,7 +50,7 @@ pub struct CostOption {
 impl CostOption {
     /// The quant spec of this option, if its label is one (see [`parse_spec`]).
     pub fn spec(&self) -> Result<QuantSpec> {
-        parse_spec(&self.format)
+        Ok(parse_option(&self.format)?.0)
     }
 }
 
@@ -137,6 +144,15 @@ pub fn spec_label(spec: &QuantSpec) -> String {
         return spec.format.to_string();
     }
     spec.to_string()
+}
+
+/// Parses an option label: a weight spec ([`parse_spec`]), optionally followed by `@ACT`, the
+/// format of the layer's input activation ([`pair_label`]).
+pub fn parse_option(label: &str) -> Result<(QuantSpec, Option<Format>)> {
+    match label.split_once('@') {
+        None => Ok((parse_spec(label)?, None)),
+        Some((w, a)) => Ok((parse_spec(w)?, Some(a.parse()?))),
+    }
 }
 
 /// Parses a label written by [`spec_label`]: `format[/granularity][/scale][/clipping]`, the

@@ -14,6 +14,7 @@ pub mod zoo;
 
 use crate::error::{Error, Result};
 use crate::quant::Format;
+use crate::sensitivity::activation::InputHooks;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -100,6 +101,12 @@ pub trait QuantModel {
             "activation quantization (asked for layer `{layer}`) needs a native mixq model; {} is a TorchScript module, for which mixq quantizes weights only",
             self.name()
         )))
+    }
+
+    /// The model's hooked forward pass, for activation sensitivity ([`InputHooks`]): native
+    /// models return themselves; a TorchScript module has no hook inside its forward pass (None).
+    fn input_hooks(&self) -> Option<&dyn InputHooks> {
+        None
     }
 
     /// The weight of a quantizable layer (shares storage with the model).

@@ -5,7 +5,9 @@
 //! that stops only when its confidence intervals say it may ([`hutchinson`]: Hutchinson and a
 //! per-layer Hutch++). Around them sit the measures a researcher compares them with: top
 //! eigenvalues ([`eigen`]), empirical Fisher, first-order and weight-error proxies, and the
-//! measured loss increase of quantizing one layer ([`proxies`]). [`estimate`] runs the chosen
+//! measured loss increase of quantizing one layer ([`proxies`]), and HAWQ-V2's activation
+//! sensitivity, the trace of the Hessian w.r.t. each layer's input ([`activation`], native models
+//! only, reached through [`crate::model::QuantModel::input_hooks`]). [`estimate`] runs the chosen
 //! estimators and writes everything into one [`SensitivityReport`].
 //!
 //! Reports are deterministic: probes come from mixq's own seeded generator ([`stats`]), and the
@@ -24,6 +26,7 @@ pub mod proxies;
 pub mod report;
 pub mod stats;
 
+pub use activation::{activation_traces, ActivationSettings, ActivationTrace, InputHooks};
 pub use eigen::{top_eigenvalues, EigenSettings, LayerEigen};
 pub use hutchinson::{
     hutchinson, hutchinson_resumable, hutchpp, hutchpp_resumable, LayerTrace, Progress, Shard, TraceEstimate, TraceSettings, TraceState,
@@ -57,12 +60,21 @@ pub enum Estimator {
     Measured,
     /// Top eigenvalue per layer.
     Eigen,
+    /// Trace of the Hessian w.r.t. each layer's input activation (HAWQ-V2; native models).
+    Activation,
 }
 
 impl Estimator {
     /// All estimators, for help texts.
-    pub const ALL: [Estimator; 6] =
-        [Estimator::Hutchinson, Estimator::Hutchpp, Estimator::Fisher, Estimator::Grad, Estimator::Measured, Estimator::Eigen];
+    pub const ALL: [Estimator; 7] = [
+        Estimator::Hutchinson,
+        Estimator::Hutchpp,
+        Estimator::Fisher,
+        Estimator::Grad,
+        Estimator::Measured,
+        Estimator::Eigen,
+        Estimator::Activation,
+    ];
 }
 
 impl std::fmt::Display for Estimator {
@@ -74,6 +86,7 @@ impl std::fmt::Display for Estimator {
             Estimator::Grad => "grad",
             Estimator::Measured => "measured",
             Estimator::Eigen => "eigen",
+            Estimator::Activation => "activation",
         })
     }
 }
@@ -84,7 +97,7 @@ impl FromStr for Estimator {
         Estimator::ALL
             .into_iter()
             .find(|e| e.to_string() == s)
-            .ok_or_else(|| Error::invalid("estimator", s, "valid: hutchinson, hutchpp, fisher, grad, measured, eigen"))
+            .ok_or_else(|| Error::invalid("estimator", s, "valid: hutchinson, hutchpp, fisher, grad, measured, eigen, activation"))
     }
 }
 
@@ -183,13 +196,27 @@ pub fn validate(settings: &SensitivitySettings) -> Result<()> {
         return Err(Error::invalid(
             "shard",
             sh.to_string(),
-            format!("--shard splits the probes of one trace estimator (hutchinson or hutchpp), not `{given}`: run fisher, grad, measured and eigen once, without --shard"),
+            format!("--shard splits the probes of one trace estimator (hutchinson or hutchpp), not `{given}`: run fisher, grad, measured, eigen and activation once, without --shard"),
         ));
     }
-    if settings.estimators.iter().any(|e| matches!(e, Estimator::Hutchinson | Estimator::Hutchpp)) {
+    if settings.estimators.iter().any(|e| matches!(e, Estimator::Hutchinson | Estimator::Hutchpp | Estimator::Activation)) {
         settings.trace.validate()?;
     }
     Ok(())
+}
+
+/// The activation-trace settings of a run: the trace estimators' tolerance, probes, block and
+/// seed, and the calibration batch size.
+fn activation_settings(settings: &SensitivitySettings) -> ActivationSettings {
+    let t = &settings.trace;
+    ActivationSettings {
+        tol: t.tol,
+        min_probes: t.min_probes,
+        max_probes: t.max_probes,
+        block: t.block,
+        seed: t.seed,
+        batch_size: settings.batch_size,
+    }
 }
 
 /// Where [`estimate_with`] caches reports and checkpoints, and whether it may use them.
@@ -300,6 +327,13 @@ pub fn estimate_with(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Estimated> {
     validate(settings)?;
+    if settings.estimators.contains(&Estimator::Activation) && model.input_hooks().is_none() {
+        return Err(Error::Unsupported(format!(
+            "activation sensitivity (--estimator activation) needs a native mixq model (e.g. digits-resnet), whose forward pass \
+             can perturb each layer's input; {} is a TorchScript module: drop `activation` from the estimators",
+            model.name()
+        )));
+    }
     let model_sha256 = model.weights_hash();
     let data_sha256 = data_hash(data)?;
     let mut settings_json = settings_json(settings, data);
@@ -356,6 +390,7 @@ pub fn estimate_with(
             fisher_trace: None,
             measured_delta_loss: Default::default(),
             extra: Default::default(),
+            ..Default::default()
         })
         .collect();
     let specs: Vec<QuantSpec> = settings.formats.iter().map(|&f| QuantSpec::new(f, settings.granularity)).collect();
@@ -428,6 +463,24 @@ pub fn estimate_with(
                     l.top_eigenvalue = Some(e.value);
                     l.extra.insert("eigen_iters".into(), json!(e.iters));
                     l.extra.insert("eigen_converged".into(), json!(e.converged));
+                }
+            }
+            Estimator::Activation => {
+                let hooks = model.input_hooks().ok_or_else(|| Error::Unsupported("activation sensitivity needs a native model".into()))?;
+                let traces = activation::activation_traces(hooks, data, &activation_settings(settings))?;
+                for (l, a) in layers.iter_mut().zip(traces) {
+                    if a.name != l.name {
+                        return Err(Error::Model {
+                            model: model.name().to_string(),
+                            msg: format!("activation traces in another layer order (`{}` where `{}` was expected)", a.name, l.name),
+                        });
+                    }
+                    l.activation_trace = Some(a.trace.trace);
+                    l.activation_trace_std_err = Some(a.trace.std_err);
+                    l.activation_numel = Some(a.numel_per_sample);
+                    l.activation_probes = Some(a.trace.probes);
+                    l.activation_converged = Some(a.trace.converged);
+                    l.extra.insert("activation_trace_ci95".into(), json!(a.trace.ci95));
                 }
             }
         }

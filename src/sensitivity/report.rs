@@ -17,7 +17,7 @@ pub const REPORT_VERSION: u64 = 1;
 
 /// One layer's sensitivity statistics. Every estimator fills `name`, `params` and the fields it
 /// measures; the others stay `None`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct LayerSensitivity {
     /// Fully qualified layer name.
     pub name: String,
@@ -41,6 +41,22 @@ pub struct LayerSensitivity {
     /// Empirical Fisher trace, if estimated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fisher_trace: Option<f64>,
+    /// Estimated mean per-sample trace of the Hessian w.r.t. this layer's input activation
+    /// (HAWQ-V2's activation sensitivity; `activation` estimator, native models only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activation_trace: Option<f64>,
+    /// Standard error of `activation_trace`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activation_trace_std_err: Option<f64>,
+    /// Elements of this layer's input per sample (n_a, to normalise `activation_trace`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activation_numel: Option<i64>,
+    /// Probes of the activation-trace estimator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activation_probes: Option<u64>,
+    /// Whether the activation trace met the stopping rule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activation_converged: Option<bool>,
     /// Measured loss increase when only this layer is quantized, per format name.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub measured_delta_loss: std::collections::BTreeMap<String, f64>,
@@ -53,6 +69,14 @@ impl LayerSensitivity {
     /// Tr(H_i)/n_i, the average curvature per weight (HAWQ-V2's normalised trace).
     pub fn trace_per_param(&self) -> Option<f64> {
         self.trace.map(|t| t / self.params.max(1) as f64)
+    }
+
+    /// Tr(H_a)/n_a, the average activation curvature per input element.
+    pub fn activation_trace_per_element(&self) -> Option<f64> {
+        match (self.activation_trace, self.activation_numel) {
+            (Some(t), Some(n)) => Some(t / n.max(1) as f64),
+            _ => None,
+        }
     }
 
     /// The trace as the cost model should use it: negative estimates (a layer where the loss is

@@ -471,6 +471,10 @@ impl QuantModel for DigitsResNet {
         true
     }
 
+    fn input_hooks(&self) -> Option<&dyn InputHooks> {
+        Some(self)
+    }
+
     fn set_activation_quant(&self, layer: &str, format: Option<Format>) -> Result<()> {
         self.layer(layer)?;
         let mut map = self
