@@ -4,6 +4,8 @@
 //! relations the products must satisfy (symmetry, batching, Hessian = GGN at the FP32 teacher)
 //! and byte-identical reports for equal seeds.
 
+mod common;
+
 use anyhow::Result;
 use mixq::model::data::Dataset;
 use mixq::model::torchscript::TorchScriptModel;
@@ -48,14 +50,7 @@ impl Mlp {
         let layers = vec![mk("fc1", vec![16, 64]), mk("fc2", vec![10, 16])];
         let p = |shape: &[i64], scale: f64| {
             let n: i64 = shape.iter().product();
-            let mut r = rng.borrow_mut();
-            // Box–Muller normals.
-            let v: Vec<f32> = (0..n)
-                .map(|_| {
-                    let (u1, u2) = (r.next_f64().max(1e-300), r.next_f64());
-                    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * scale) as f32
-                })
-                .collect();
+            let v = rng.borrow_mut().normals(n as usize, scale);
             Tensor::from_slice(&v).reshape(shape).set_requires_grad(true)
         };
         let params = vec![
@@ -513,12 +508,6 @@ fn reports_are_cached_by_weights_data_and_settings() -> Result<()> {
     Ok(())
 }
 
-fn mixq_cmd(home: &Path, args: &[&str]) -> std::process::Command {
-    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_mixq"));
-    c.args(args).current_dir(env!("CARGO_MANIFEST_DIR")).env("MIXQ_HOME", home).stdin(std::process::Stdio::null());
-    c
-}
-
 #[test]
 fn cli_killed_run_resumes_to_the_same_report_and_shards_merge() -> Result<()> {
     let dir = scratch("cli");
@@ -526,17 +515,18 @@ fn cli_killed_run_resumes_to_the_same_report_and_shards_merge() -> Result<()> {
     let base = ["sensitivity", "--model", "tests/fixtures/tiny_cnn.pt", "--data", "digits:calib", "--tol", "1e-9", "--tol-floor", "0"];
     let out = |name: &str| dir.join(name).to_string_lossy().into_owned();
     let run = |home: &Path, extra: &[&str]| -> Result<(std::process::Output, String)> {
-        let o = mixq_cmd(home, &[&base[..], extra].concat()).output()?;
+        let o = common::mixq_command(home, &[&base[..], extra].concat()).output()?;
         let err = String::from_utf8_lossy(&o.stderr).into_owned();
         Ok((o, err))
     };
     // Kill a run (SIGKILL: no chance to clean up) as soon as it has checkpointed its first pass
     // of 4 probes (of 16).
     let ckpt_dir = home_a.join("cache/sensitivity");
-    let mut child = mixq_cmd(&home_a, &[&base[..], &["--max-probes", "16", "--checkpoint-every", "0", "-o", &out("killed.json")]].concat())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()?;
+    let mut child =
+        common::mixq_command(&home_a, &[&base[..], &["--max-probes", "16", "--checkpoint-every", "0", "-o", &out("killed.json")]].concat())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
     let t0 = std::time::Instant::now();
     let partial = loop {
         let found = std::fs::read_dir(&ckpt_dir)
@@ -566,7 +556,8 @@ fn cli_killed_run_resumes_to_the_same_report_and_shards_merge() -> Result<()> {
         let (o, err) = run(&home_b, &["--max-probes", "8", "--shard", k, "-o", &out(&format!("shard{}.json", &k[..1]))])?;
         assert!(o.status.success(), "{err}");
     }
-    let m = mixq_cmd(&home_b, &["sensitivity", "merge", &out("shard0.json"), &out("shard1.json"), "-o", &out("merged.json")]).output()?;
+    let m = common::mixq_command(&home_b, &["sensitivity", "merge", &out("shard0.json"), &out("shard1.json"), "-o", &out("merged.json")])
+        .output()?;
     assert!(m.status.success(), "{}", String::from_utf8_lossy(&m.stderr));
     let merged = SensitivityReport::load(&dir.join("merged.json"))?;
     assert!(merged.settings.get("shard").is_none() && merged.layers.iter().all(|l| l.probes == 8));
@@ -582,7 +573,7 @@ fn cli_killed_run_resumes_to_the_same_report_and_shards_merge() -> Result<()> {
         assert!(!dir.join("bad.json").exists());
     }
     let s0 = out("shard0.json");
-    let m = mixq_cmd(&home_b, &["sensitivity", "merge", &s0, &s0, "-o", &out("bad.json")]).output()?;
+    let m = common::mixq_command(&home_b, &["sensitivity", "merge", &s0, &s0, "-o", &out("bad.json")]).output()?;
     let err = String::from_utf8_lossy(&m.stderr);
     assert!(!m.status.success() && err.contains("shard0.json") && err.contains("twice"), "{err}");
     std::fs::remove_dir_all(&dir)?;

@@ -11,7 +11,11 @@ use tch::Tensor;
 /// `LD_LIBRARY_PATH` (the binary must find libtorch through its own rpath).
 pub fn mixq_command(home: &Path, args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_mixq"));
-    c.args(args).current_dir(env!("CARGO_MANIFEST_DIR")).env("MIXQ_HOME", home).env_remove("LD_LIBRARY_PATH");
+    c.args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("MIXQ_HOME", home)
+        .env_remove("LD_LIBRARY_PATH")
+        .stdin(std::process::Stdio::null());
     c
 }
 
