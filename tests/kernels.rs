@@ -7,7 +7,7 @@
 mod common;
 
 use mixq::quant::{dequantize, fake_quantize, quantize, Clipping, Format, Granularity, QuantSpec, ScaleType};
-use mixq_kernels::{matmul, PackedWeight, WeightFormat};
+use mixq_kernels::{matmul, PackedWeight};
 use tch::{Kind, Tensor};
 
 /// Relative tolerance (to the sum of |x|·|w|) of an FP32 kernel against libtorch's FP32 matmul on
@@ -22,21 +22,10 @@ fn vec_i32(t: &Tensor) -> Vec<i32> {
     Vec::<i32>::try_from(t.to_kind(Kind::Int).contiguous().view([-1])).unwrap()
 }
 
-/// The kernels' format for a mixq format, if the kernels store it.
-fn kernel_format(f: Format) -> Option<WeightFormat> {
-    match f {
-        Format::Int { bits: 4, signed } => Some(WeightFormat::Int4 { asymmetric: !signed }),
-        Format::Int { bits: 8, signed } => Some(WeightFormat::Int8 { asymmetric: !signed }),
-        Format::Fp8E4M3 => Some(WeightFormat::Fp8E4M3),
-        Format::Fp4E2M1 => Some(WeightFormat::Fp4E2M1),
-        _ => None,
-    }
-}
-
 fn pack(w: &Tensor, spec: &QuantSpec) -> PackedWeight {
     let (n, k) = (w.size()[0] as usize, w.size()[1] as usize);
     let q = quantize(w, spec).unwrap();
-    let f = kernel_format(spec.format).unwrap();
+    let f = mixq::eval::kernels::weight_format(spec.format).unwrap();
     let scales = vec_f32(&q.scales);
     let p = if f.is_int() {
         let codes = vec_i32(&q.codes);
