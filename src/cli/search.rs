@@ -125,15 +125,17 @@ pub fn run(a: SearchArgs) -> Result<()> {
         read_cache: !a.no_cache,
         ..Default::default()
     };
-    let report = super::sensitivity::estimate_cached(model.as_ref(), &calib, &settings, &opts, "sensitivity")
-        .with_context(|| format!("sensitivity of {} on {}", model.name(), calib.name))?
-        .report;
+    let est = super::sensitivity::estimate_cached(model.as_ref(), &calib, &settings, &opts, "sensitivity")
+        .with_context(|| format!("sensitivity of {} on {}", model.name(), calib.name))?;
+    let report = est.report;
     let hvps = report.settings["hvps"].as_u64().unwrap_or(0);
     let unconverged = report.layers.iter().filter(|l| !l.converged).count();
+    let how = match est.origin {
+        sensitivity::Origin::Cached(_) => format!("cached report ({hvps} curvature-vector products when computed)"),
+        _ => format!("{hvps} curvature-vector products in {:.1} s", start.elapsed().as_secs_f64()),
+    };
     eprintln!(
-        "sensitivity: {} curvature-vector products in {:.1} s on {} ({} samples); {} of {} layers within ±{:.0} %",
-        hvps,
-        start.elapsed().as_secs_f64(),
+        "sensitivity: {how} on {} ({} samples); {} of {} layers within ±{:.0} %",
         calib.name,
         calib.len(),
         report.layers.len() - unconverged,
