@@ -333,3 +333,37 @@ fn robust_search_and_evaluated_front() {
     let svg_text = std::fs::read_to_string(&svg).unwrap();
     assert!(svg_text.contains("measured KL") && svg_text.contains("robust costs") && svg_text.contains("right axis"), "svg");
 }
+
+/// `search --act-formats`: activation traces join the report, the options become
+/// weight@activation pairs, a BOPs budget that all-FP32 activations cannot meet moves layers to
+/// int8 inputs, the config carries them, and `mixq eval` applies the config.
+#[test]
+fn search_with_activation_formats_writes_activation_settings() {
+    let (_guard, d) = zoo_home();
+    let cfg = d.join("act/config.json");
+    let o = mixq(
+        &[
+            "search",
+            "--act-formats",
+            "int8,fp32",
+            "--budget",
+            "avg-bits=4",
+            "--budget",
+            "bops=100M",
+            "--max-probes",
+            "8",
+            "-o",
+            cfg.to_str().unwrap(),
+        ],
+        &d,
+    );
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("bops"), "{out}");
+    let config = mixq::config::QuantConfig::load(&cfg).unwrap();
+    let int8_inputs = config.layers.values().filter(|s| s.activation == Some(mixq::quant::Format::Int { bits: 8, signed: true })).count();
+    assert!(int8_inputs > 0, "a 100M-BOP budget needs int8 activations somewhere: {config:?}");
+    let o = mixq(&["eval", "--config", cfg.to_str().unwrap()], &d);
+    let (out, err) = text(&o);
+    assert!(o.status.success() && out.contains("config"), "{out}\n{err}");
+}
