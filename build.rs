@@ -3,13 +3,16 @@
 //!
 //! Also compiles `csrc/torchscript_layers.cpp`, the small C++ shim that finds the layers of a
 //! TorchScript module and their multiply-accumulates (tch exposes no hooks or graph; see
-//! `src/model/torchscript.rs`), against the same libtorch headers, with the flags torch-sys uses.
+//! `src/model/torchscript.rs`), against the same libtorch headers, with the flags torch-sys uses,
+//! and `csrc/autograd_grad.cpp`, `torch::autograd::grad` with `grad_outputs` for the
+//! curvature–vector products (tch 0.26 does not expose it; see `src/sensitivity/autograd.rs`).
 use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     println!("cargo:rerun-if-changed=csrc/torchscript_layers.cpp");
+    println!("cargo:rerun-if-changed=csrc/autograd_grad.cpp");
     let lib = match std::env::var("DEP_TCH_LIBTORCH_LIB") {
         Ok(lib) => PathBuf::from(lib),
         Err(_) => panic!("torch-sys did not report the libtorch lib dir (DEP_TCH_LIBTORCH_LIB); build through scripts/with-env"),
@@ -19,6 +22,7 @@ fn main() {
     cc::Build::new()
         .cpp(true)
         .file("csrc/torchscript_layers.cpp")
+        .file("csrc/autograd_grad.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")

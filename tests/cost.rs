@@ -75,6 +75,7 @@ fn report(traces: [f64; 2]) -> SensitivityReport {
         data_sha256: String::new(),
         settings: serde_json::json!({}),
         layers: vec![layer("a", 128, traces[0]), layer("b", 32, traces[1])],
+        total_trace: None,
     }
 }
 

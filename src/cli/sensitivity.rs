@@ -87,6 +87,12 @@ pub struct SensitivityArgs {
     /// Seconds between checkpoints of the running probe statistics (0: after every pass).
     #[arg(long, default_value_t = 10.0)]
     pub checkpoint_every: f64,
+    /// Workers of the measured estimator (other estimators ignore it): each evaluates
+    /// (layer, format) pairs on its own copy of the model with one libtorch thread; same report
+    /// as 1 (serial, libtorch's own threads). Default: the number of cores, which measured
+    /// faster (experiments/measured-parallel). Models that cannot be copied run serially.
+    #[arg(long)]
+    pub jobs: Option<usize>,
 }
 
 /// Subcommands of `mixq sensitivity`.
@@ -154,6 +160,11 @@ fn run_options(a: &SensitivityArgs) -> Result<RunOptions> {
         read_cache: !a.no_cache,
         resume: a.resume,
         checkpoint_every: every,
+        jobs: match a.jobs {
+            Some(0) => anyhow::bail!("--jobs 0: give at least 1 worker (1 runs the measured estimator serially)"),
+            Some(n) => n,
+            None => sensitivity::proxies::default_jobs(),
+        },
     })
 }
 
@@ -320,6 +331,18 @@ pub fn render(r: &SensitivityReport) -> String {
         r.settings["seed"]
     );
     s.push_str(&t.render("  "));
+    if let Some(tt) = &r.total_trace {
+        // Its own standard error, from per-probe samples of the total: the layers' samples are
+        // correlated, so the per-layer errors do not add up to it.
+        s.push_str(&format!(
+            "total trace over the {} layers: {:.4e} ± {:.1e} (95% CI; s.e. {:.1e} from {} per-probe totals)\n",
+            r.layers.len(),
+            tt.trace,
+            tt.ci95,
+            tt.std_err,
+            tt.probes
+        ));
+    }
     let unconverged = r.layers.iter().filter(|l| l.trace.is_some() && !l.converged).count();
     if unconverged > 0 {
         s.push_str(&format!(

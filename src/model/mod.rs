@@ -109,6 +109,16 @@ pub trait QuantModel {
         None
     }
 
+    /// An independent deep copy of the model as it is now (weights included, quantized or not),
+    /// which can be moved to another thread: quantizing a weight of the replica leaves this model
+    /// unchanged. Used to run the measured-ΔL estimator on several threads, one replica each.
+    ///
+    /// Models that cannot be replicated return [`Error::Unsupported`] (the default), and callers
+    /// fall back to working on the one model.
+    fn replicate(&self) -> Result<Box<dyn QuantModel + Send>> {
+        Err(Error::Unsupported(format!("model {} cannot be replicated (no deep copy implemented)", self.name())))
+    }
+
     /// The weight of a quantizable layer (shares storage with the model).
     fn weight(&self, layer: &str) -> Result<Tensor> {
         if !self.layers().iter().any(|l| l.name == layer) {

@@ -166,6 +166,44 @@ impl QuantModel for TorchScriptModel {
         self.params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect()
     }
 
+    /// Saves the module as it is now (parameters and buffers, with any weights quantized in
+    /// place) to a temporary file and loads it back: the replica does not depend on the file the
+    /// model came from still being there or unchanged. Layers and shapes are not rediscovered.
+    fn replicate(&self) -> Result<Box<dyn QuantModel + Send>> {
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let model_err = |msg: String| Error::Model { model: self.name.clone(), msg };
+        let k = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = std::env::temp_dir().join(format!(".mixq-replica-{}-{k}.pt", std::process::id()));
+        let saved = self.module.save(&tmp);
+        let device = self.params.first().map(|(_, t)| t.device()).unwrap_or(tch::Device::Cpu);
+        let loaded = saved.and_then(|()| CModule::load_on_device(&tmp, device));
+        let _ = std::fs::remove_file(&tmp);
+        let mut module = loaded.map_err(|e| {
+            model_err(format!("cannot replicate the module through {}: {}", tmp.display(), short_torch_message(&e.to_string())))
+        })?;
+        module
+            .f_set_eval()
+            .map_err(|e| model_err(format!("cannot switch the replica to eval mode: {}", short_torch_message(&e.to_string()))))?;
+        let params = module
+            .named_parameters()
+            .map_err(|e| model_err(format!("cannot list the replica's parameters: {}", short_torch_message(&e.to_string()))))?;
+        let same = params.len() == self.params.len()
+            && params.iter().zip(&self.params).all(|((n, t), (m, u))| n == m && t.size() == u.size() && t.kind() == u.kind());
+        if !same {
+            return Err(model_err("the replica's parameters differ from the model's (names, shapes or dtypes)".into()));
+        }
+        Ok(Box::new(TorchScriptModel {
+            name: self.name.clone(),
+            path: self.path.clone(),
+            module,
+            params,
+            layers: self.layers.clone(),
+            input_shape: self.input_shape.clone(),
+            input_kind: self.input_kind,
+            num_classes: self.num_classes,
+        }))
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let logits = self.module.forward_ts(&[x]).map_err(|e| Error::Model {
             model: self.name.clone(),

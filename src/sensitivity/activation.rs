@@ -5,8 +5,9 @@
 //! ½ δᵀ H_a δ, with H_a the Hessian of the loss w.r.t. that input, so Tr(H_a)/n_a plays for
 //! activations the role Tr(H_W)/n_W plays for weights. The products H_a v come from a zero
 //! perturbation ε, requiring gradients, added to every quantized layer's input inside the forward
-//! pass ([`InputHooks`]): g = ∂L/∂ε with a graph, then ∂(g·v)/∂ε. Only native models can do
-//! this; a TorchScript module has no hook inside its forward pass.
+//! pass ([`InputHooks`]): g = ∂L/∂ε with a graph, then ∂(g·v)/∂ε (the backward pass of g seeded
+//! with v). Only native models can do this; a TorchScript module has no hook inside its forward
+//! pass.
 //!
 //! The loss is the mean over the calibration set (cross-entropy with labels, else KL to the
 //! model's own outputs, as in [`crate::sensitivity::hvp`]). Samples do not interact, so H_a is
@@ -14,7 +15,7 @@
 //! (1/N) Σ_s Tr(H_a,s), whatever the batch size. Probes are seeded Rademacher vectors drawn per
 //! (probe, batch) from mixq's own generator; all layers share every probe and every pass.
 
-use super::hutchinson::LayerTrace;
+use super::hutchinson::{LayerTrace, Progress};
 use super::stats::{rademacher, t975, Welford};
 use crate::error::{Error, Result};
 use crate::model::data::Dataset;
@@ -177,16 +178,10 @@ impl<'a> ActivationEngine<'a> {
                 let v = probe(p, &shapes);
                 let mut row = vec![0.0; eps.len()];
                 if !live.is_empty() {
-                    let mut d: Option<Tensor> = None;
-                    for &i in &live {
-                        let t = (&grads[i] * &v[i]).sum(Kind::Float);
-                        d = Some(match d {
-                            None => t,
-                            Some(s) => s + t,
-                        });
-                    }
-                    let d = d.expect("live layers");
-                    let hv = Tensor::f_run_backward(&[&d], &eps, p + 1 < k, false)?;
+                    // H_a v: the gradient's backward pass seeded with the probe (no ⟨g, v⟩ node).
+                    let g: Vec<&Tensor> = live.iter().map(|&i| &grads[i]).collect();
+                    let vl: Vec<&Tensor> = live.iter().map(|&i| &v[i]).collect();
+                    let hv = super::autograd::grad(&g, &vl, &eps, p + 1 < k, false)?;
                     for (i, h) in hv.iter().enumerate() {
                         if h.defined() {
                             row[i] = weight * (h.to_kind(Kind::Double) * v[i].to_kind(Kind::Double)).sum(Kind::Double).double_value(&[]);
@@ -203,6 +198,34 @@ impl<'a> ActivationEngine<'a> {
 /// Per-layer traces of the Hessian w.r.t. each quantizable layer's input activation, by
 /// Hutchinson with the 95 % CI stopping rule of [`ActivationSettings::tol`].
 pub fn activation_traces(model: &dyn InputHooks, data: &Dataset, s: &ActivationSettings) -> Result<Vec<ActivationTrace>> {
+    activation_traces_with_progress(model, data, s, &mut |_| {})
+}
+
+/// The progress of a pass: probes so far, the worst relative CI half-width among the layers not
+/// yet converged, and how many have.
+fn pass_progress(stats: &[Welford], s: &ActivationSettings) -> Progress {
+    let mut worst: f64 = 0.0;
+    let mut converged = 0;
+    for w in stats {
+        let ci = t975(w.n.saturating_sub(1)) * w.std_err();
+        if w.n >= s.min_probes.max(2) && ci <= s.tol * w.mean.abs() {
+            converged += 1;
+        } else {
+            worst = worst.max(if w.mean != 0.0 { ci / w.mean.abs() } else { f64::INFINITY });
+        }
+    }
+    Progress { probes: stats.first().map(|w| w.n).unwrap_or(0), worst_rel_ci: worst, converged }
+}
+
+/// [`activation_traces`], calling `progress` after every pass of `s.block` probes, as the
+/// weight-trace estimators do. Each probe is one curvature–vector product (all layers and
+/// batches together), so the products made are the traces' `probes`.
+pub fn activation_traces_with_progress(
+    model: &dyn InputHooks,
+    data: &Dataset,
+    s: &ActivationSettings,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<Vec<ActivationTrace>> {
     if s.max_probes < 2 || s.block == 0 || s.tol.is_nan() || s.tol <= 0.0 {
         return Err(Error::invalid(
             "activation settings",
@@ -235,7 +258,9 @@ pub fn activation_traces(model: &dyn InputHooks, data: &Dataset, s: &ActivationS
             }
         }
         k += m;
-        let done = k >= s.min_probes.max(2) && stats.iter().all(|w| t975(w.n - 1) * w.std_err() <= s.tol * w.mean.abs());
+        let p = pass_progress(&stats, s);
+        progress(&p);
+        let done = p.converged == nl;
         if done || k >= s.max_probes {
             return Ok(engine
                 .layers()

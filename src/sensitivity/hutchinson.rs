@@ -28,6 +28,12 @@
 //! at the merge. Hutch++ shards too: the sketch depends only on the seed, so every shard
 //! recomputes the same sketch (2k products each) and draws its own share of residual probes;
 //! the merge checks that the shards' exact parts agree.
+//!
+//! **The total.** Σ_i Tr(H_ii) over the quantizable layers comes with its own standard error,
+//! from the per-probe samples of the total (Σ_i s_i of one probe). The layers' samples come from
+//! the same probes and are correlated, so √Σ_i se_i² would be wrong (too small when they are
+//! positively correlated). For Hutch++ the sketch part of the total is exact and only the
+//! residual samples, summed over the layers per probe, carry error.
 
 use super::hvp::HvpEngine;
 use super::stats::{rademacher, stream, t975, Welford};
@@ -176,11 +182,67 @@ pub struct LayerTrace {
     pub converged: bool,
 }
 
+/// The estimate of the total Σ_i Tr(H_ii) over the quantizable layers, with the statistics
+/// it came from (what a merge of shards pools).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TotalTrace {
+    /// Estimated Σ_i Tr(H_ii).
+    pub trace: f64,
+    /// Its standard error, from the per-probe samples of the total (not √Σ se_i²: the layers'
+    /// samples come from the same probes and are correlated).
+    pub std_err: f64,
+    /// 95 % CI half-width (t quantile × standard error).
+    pub ci95: f64,
+    /// Probes used.
+    pub probes: u64,
+    /// The raw statistics, as a layer's `extra.trace_stats`.
+    pub stats: TotalStats,
+}
+
+/// Running statistics of the per-probe samples of the random part of the total, and its exact
+/// part.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TotalStats {
+    /// Samples.
+    pub n: u64,
+    /// Their mean.
+    pub mean: f64,
+    /// Their sum of squared deviations from the mean (Welford's M2).
+    pub m2: f64,
+    /// The exact part (Hutch++'s sketch terms summed over the layers; 0 for Hutchinson).
+    pub offset: f64,
+}
+
+impl TotalStats {
+    /// The running statistics of the samples.
+    pub fn welford(&self) -> Welford {
+        Welford { n: self.n, mean: self.mean, m2: self.m2 }
+    }
+}
+
+impl TotalTrace {
+    /// The total of an exact part `offset` and the random samples `w`.
+    pub fn new(offset: f64, w: Welford) -> Self {
+        let std_err = w.std_err();
+        TotalTrace {
+            trace: offset + w.mean,
+            std_err,
+            ci95: t975(w.n.saturating_sub(1)) * std_err,
+            probes: w.n,
+            stats: TotalStats { n: w.n, mean: w.mean, m2: w.m2, offset },
+        }
+    }
+}
+
 /// The result of a trace estimation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TraceEstimate {
     /// Per layer, in the engine's layer order.
     pub layers: Vec<LayerTrace>,
+    /// The total over the layers (`None` when resumed from a checkpoint of a build that did
+    /// not record it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<TotalTrace>,
     /// Random probes used (residual probes for Hutch++).
     pub probes: u64,
     /// Curvature–vector products used, sketch included (for a resumed run: as if it had not
@@ -203,25 +265,32 @@ pub struct TraceState {
     pub offset: Vec<f64>,
     /// Running statistics of each layer's random samples.
     pub stats: Vec<Welford>,
+    /// Running statistics of the per-probe sums of the layers' random samples (`None` when
+    /// resumed from a checkpoint written before mixq recorded them).
+    pub total: Option<Welford>,
 }
 
 impl TraceState {
     /// The state before the first probe.
     pub fn new(offset: Vec<f64>, hvps: u64) -> Self {
         let stats = vec![Welford::default(); offset.len()];
-        TraceState { probes: 0, hvps, offset, stats }
+        TraceState { probes: 0, hvps, offset, stats, total: Some(Welford::default()) }
     }
 
     /// JSON with every float as its exact bit pattern (hex), so that a resumed run continues
     /// from exactly the numbers it stopped at: decimal floats need not parse back bit for bit.
     pub fn to_json(&self) -> serde_json::Value {
         let hex = |x: f64| format!("{:016x}", x.to_bits());
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "probes": self.probes,
             "hvps": self.hvps,
             "offset": self.offset.iter().map(|&o| hex(o)).collect::<Vec<_>>(),
             "stats": self.stats.iter().map(|w| serde_json::json!([w.n, hex(w.mean), hex(w.m2)])).collect::<Vec<_>>(),
-        })
+        });
+        if let Some(w) = &self.total {
+            v["total"] = serde_json::json!([w.n, hex(w.mean), hex(w.m2)]);
+        }
+        v
     }
 
     /// Reads [`TraceState::to_json`]; `origin` names the file in errors.
@@ -237,10 +306,16 @@ impl TraceState {
             .iter()
             .map(|w| Ok(Welford { n: w[0].as_u64().ok_or_else(bad)?, mean: float(&w[1])?, m2: float(&w[2])? }))
             .collect::<Result<Vec<_>>>()?;
-        if stats.len() != offset.len() || stats.iter().any(|w| w.n != probes) {
+        // Checkpoints written before the total was recorded have no `total`: the resumed run
+        // then reports no total.
+        let total = match v.get("total") {
+            None => None,
+            Some(w) => Some(Welford { n: w[0].as_u64().ok_or_else(bad)?, mean: float(&w[1])?, m2: float(&w[2])? }),
+        };
+        if stats.len() != offset.len() || stats.iter().any(|w| w.n != probes) || total.is_some_and(|w| w.n != probes) {
             return Err(bad());
         }
-        Ok(TraceState { probes, hvps, offset, stats })
+        Ok(TraceState { probes, hvps, offset, stats, total })
     }
 }
 
@@ -361,12 +436,16 @@ fn run_passes(
             let (layers, p) = summarize(&st.offset, &st.stats, s);
             progress(&p);
             if st.probes >= limit || (s.shard.is_whole() && p.converged == nl) {
-                return Ok(TraceEstimate { layers, probes: st.probes, hvps: st.hvps, state: st });
+                let total = st.total.map(|w| TotalTrace::new(st.offset.iter().sum(), w));
+                return Ok(TraceEstimate { layers, total, probes: st.probes, hvps: st.hvps, state: st });
             }
         }
         let m = s.block.min(limit - st.probes);
         let idx: Vec<u64> = (st.probes..st.probes + m).map(|j| s.shard.global(j)).collect();
         for sample in samples(&idx)? {
+            if let Some(t) = &mut st.total {
+                t.push(sample.iter().sum());
+            }
             for (w, x) in st.stats.iter_mut().zip(sample) {
                 w.push(x);
             }
@@ -460,4 +539,87 @@ pub fn hutchpp_resumable(
         let hvs = engine.hvp_many(&probes)?;
         Ok(rg.iter().zip(&hvs).map(|(g, hv)| layer_dots(g, &project(flat(hv).to_kind(Kind::Double)), &shapes)).collect())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::data::Dataset;
+    use crate::model::zoo::DigitsResNet;
+    use crate::sensitivity::hvp::Curvature;
+
+    /// Relative agreement of the same numbers summed in another order.
+    const REL: f64 = 1e-9;
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() <= REL * a.abs().max(b.abs()).max(1e-300)
+    }
+
+    fn fixed(probes: u64) -> TraceSettings {
+        TraceSettings { min_probes: probes, max_probes: probes, block: 3, tol: 1e-9, tol_floor: 0.0, ..Default::default() }
+    }
+
+    #[test]
+    fn the_total_comes_from_per_probe_totals() -> Result<()> {
+        let model = DigitsResNet::untrained();
+        let data = Dataset::digits("calib")?.take(8);
+        let engine = HvpEngine::new(&model, &data, 8, Curvature::Hessian)?;
+        let s = fixed(7);
+        let r = hutchinson(&engine, &s, &mut |_| {})?;
+        let total = r.total.as_ref().expect("a fresh run records its total");
+        // The samples of the total, recomputed probe by probe.
+        let shapes = engine.shapes();
+        let mut w = Welford::default();
+        for i in 0..s.max_probes {
+            let v = rademacher(&shapes, s.seed, stream::HUTCHINSON, i);
+            let hv = engine.hvp(&v)?;
+            w.push(v.iter().zip(&hv).map(|(a, b)| layer_dot(a, b)).sum());
+        }
+        let sum: f64 = r.layers.iter().map(|l| l.trace).sum();
+        assert!(close(total.trace, sum), "total {} vs Σ layer traces {sum}", total.trace);
+        assert!(close(total.trace, w.mean), "total {} vs recomputed {}", total.trace, w.mean);
+        assert!(close(total.std_err, w.std_err()), "s.e. {} vs recomputed {}", total.std_err, w.std_err());
+        assert_eq!(total.probes, s.max_probes);
+        assert_eq!(total.stats.offset, 0.0);
+        assert!(close(total.ci95, t975(s.max_probes - 1) * total.std_err));
+        // Minkowski: the sample s.d. of a sum is at most the sum of the s.d.s.
+        let sum_se: f64 = r.layers.iter().map(|l| l.std_err).sum();
+        assert!(total.std_err <= sum_se * (1.0 + REL), "s.e. {} > Σ se_i {sum_se}", total.std_err);
+        Ok(())
+    }
+
+    #[test]
+    fn the_hutchpp_total_is_its_exact_sketch_part_plus_residual_samples() -> Result<()> {
+        let model = DigitsResNet::untrained();
+        let data = Dataset::digits("calib")?.take(8);
+        let engine = HvpEngine::new(&model, &data, 8, Curvature::Ggn)?;
+        let s = TraceSettings { sketch: 3, ..fixed(5) };
+        let r = hutchpp(&engine, &s, &mut |_| {})?;
+        let total = r.total.as_ref().expect("total");
+        let sum: f64 = r.layers.iter().map(|l| l.trace).sum();
+        assert!(close(total.trace, sum), "total {} vs Σ layer traces {sum}", total.trace);
+        assert!(close(total.stats.offset, r.state.offset.iter().sum()));
+        assert!(total.std_err > 0.0 && total.std_err.is_finite());
+        Ok(())
+    }
+
+    #[test]
+    fn trace_state_json_keeps_the_total_and_reads_checkpoints_without_it() -> Result<()> {
+        let mut st = TraceState::new(vec![0.5, -1.25], 7);
+        for x in [0.1, 0.7, -0.3] {
+            st.stats[0].push(x);
+            st.stats[1].push(2.0 * x);
+            st.total.as_mut().expect("total").push(3.0 * x);
+        }
+        st.probes = 3;
+        let origin = std::path::Path::new("ckpt.json");
+        assert_eq!(TraceState::from_json(&st.to_json(), origin)?, st);
+        let mut old = st.to_json();
+        old.as_object_mut().expect("object").remove("total");
+        assert_eq!(TraceState::from_json(&old, origin)?, TraceState { total: None, ..st.clone() });
+        let mut bad = st.to_json();
+        bad["total"][0] = serde_json::json!(2);
+        assert!(TraceState::from_json(&bad, origin).is_err(), "a total over other probes is refused");
+        Ok(())
+    }
 }

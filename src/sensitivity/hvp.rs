@@ -9,7 +9,13 @@
 //! batch's product weighted by its share of the samples, and only one batch's graph is alive at a
 //! time (memory is bounded by the batch size, not the data size). Several probes can share one
 //! batch graph ([`HvpEngine::hvp_many`]): the forward pass and the first backward are paid once.
+//!
+//! Each product's second backward pass is seeded with the probe itself
+//! (`torch::autograd::grad(g, w, grad_outputs = v)`, through [`super::autograd`]) rather than
+//! differentiating the scalar Σ_i ⟨g_i, v_i⟩: the same numbers, without a mul, a sum and an add
+//! per layer in the graph of every product. That is what PyTorch code (PyHessian) does.
 
+use super::autograd;
 use crate::error::{Error, Result};
 use crate::model::data::Dataset;
 use crate::model::loss::loss;
@@ -105,17 +111,22 @@ fn defined_or_zero(grads: Vec<Tensor>, like: &[Tensor]) -> Vec<Tensor> {
     grads.into_iter().zip(like).map(|(g, w)| if g.defined() { g } else { Tensor::zeros_like(w) }).collect()
 }
 
-/// Σ_i ⟨a_i, b_i⟩ as a scalar tensor (part of the graph when `a` is).
-fn dot_all(a: &[Tensor], b: &[Tensor]) -> Tensor {
-    let mut acc: Option<Tensor> = None;
-    for (x, y) in a.iter().zip(b) {
-        let d = (x * y).sum(Kind::Float);
-        acc = Some(match acc {
-            None => d,
-            Some(s) => s + d,
-        });
+/// Adds one batch's products `hv` (per layer; undefined where the layer has no curvature),
+/// weighted by the batch's share `weight`, to a probe's running sums `acc`. The first
+/// contribution is taken as it is when the weight is 1 (a single batch: no multiply, no copy),
+/// unless libtorch handed back the probe tensor itself (a pass-through backward), so that a
+/// result never shares storage with its probe.
+fn accumulate(acc: &mut [Option<Tensor>], hv: Vec<Tensor>, probe: &[Tensor], weight: f64) {
+    for ((a, h), v) in acc.iter_mut().zip(hv).zip(probe) {
+        if !h.defined() {
+            continue;
+        }
+        match a {
+            None if weight == 1.0 && h.data_ptr() != v.data_ptr() => *a = Some(h),
+            None => *a = Some(h * weight),
+            Some(a) => *a += h * weight,
+        }
     }
-    acc.unwrap_or_else(|| Tensor::from(0f32))
 }
 
 impl<'a> HvpEngine<'a> {
@@ -262,10 +273,11 @@ impl<'a> HvpEngine<'a> {
                 }
             }
         }
-        let mut out: Vec<Vec<Tensor>> = probes.iter().map(|_| zeros_like_all(&self.weights)).collect();
         if probes.is_empty() {
-            return Ok(out);
+            return Ok(Vec::new());
         }
+        // Running sums over the batches; `None` until a batch contributes (zeros if none does).
+        let mut out: Vec<Vec<Option<Tensor>>> = probes.iter().map(|_| self.weights.iter().map(|_| None).collect()).collect();
         tch::with_grad(|| -> Result<()> {
             for b in &self.batches {
                 match self.curvature {
@@ -276,10 +288,17 @@ impl<'a> HvpEngine<'a> {
             Ok(())
         })?;
         self.hvps.set(self.hvps.get() + probes.len() as u64);
-        Ok(out)
+        Ok(out
+            .into_iter()
+            .map(|hv| hv.into_iter().zip(&self.weights).map(|(h, w)| h.unwrap_or_else(|| Tensor::zeros_like(w))).collect())
+            .collect())
     }
 
-    fn hessian_batch(&self, b: &Batch, probes: &[Vec<Tensor>], out: &mut [Vec<Tensor>]) -> Result<()> {
+    /// Adds batch `b`'s share of `H v` for every probe to `out`: one forward pass and one
+    /// backward pass with `create_graph`, then per probe a backward pass through the gradient's
+    /// graph seeded with the probe (`torch.autograd.grad(g, w, grad_outputs=v)`), keeping the
+    /// graph for the next probe.
+    fn hessian_batch(&self, b: &Batch, probes: &[Vec<Tensor>], out: &mut [Vec<Option<Tensor>>]) -> Result<()> {
         let (_, l) = self.batch_loss(b)?;
         let grads = Tensor::f_run_backward(&[&l], &self.weights, true, true)?;
         // A weight the loss does not depend on has no gradient and no curvature.
@@ -287,51 +306,44 @@ impl<'a> HvpEngine<'a> {
         if live.is_empty() {
             return Ok(());
         }
-        let g: Vec<Tensor> = live.iter().map(|&i| grads[i].shallow_clone()).collect();
+        let g: Vec<&Tensor> = live.iter().map(|&i| &grads[i]).collect();
         let n = probes.len();
         for (k, v) in probes.iter().enumerate() {
-            let vl: Vec<Tensor> = live.iter().map(|&i| v[i].shallow_clone()).collect();
-            let d = dot_all(&g, &vl);
-            let hv = Tensor::f_run_backward(&[&d], &self.weights, k + 1 < n, false)?;
-            for (acc, h) in out[k].iter_mut().zip(hv) {
-                if h.defined() {
-                    *acc += h * b.weight;
-                }
-            }
+            let vl: Vec<&Tensor> = live.iter().map(|&i| &v[i]).collect();
+            let hv = autograd::grad(&g, &vl, &self.weights, k + 1 < n, false)?;
+            accumulate(&mut out[k], hv, v, b.weight);
         }
         Ok(())
     }
 
-    fn ggn_batch(&self, b: &Batch, probes: &[Vec<Tensor>], out: &mut [Vec<Tensor>]) -> Result<()> {
+    /// Adds batch `b`'s share of `G v = Jᵀ H_z J v` for every probe to `out`.
+    fn ggn_batch(&self, b: &Batch, probes: &[Vec<Tensor>], out: &mut [Vec<Option<Tensor>>]) -> Result<()> {
         let (z, _) = self.batch_loss(b)?;
-        // J^T u as a function of a dummy u: differentiating ⟨J^T u, v⟩ with respect to u gives J v.
+        // J^T u as a function of a dummy u (the backward pass of the logits seeded with u, its
+        // graph kept): differentiating it seeded with v gives J v.
         let u = Tensor::zeros_like(&z).set_requires_grad(true);
-        let zu = (&z * &u).sum(Kind::Float);
-        let jtu = Tensor::f_run_backward(&[&zu], &self.weights, true, true)?;
+        let jtu = autograd::grad(&[&z], &[&u], &self.weights, true, true)?;
         let live: Vec<usize> = (0..jtu.len()).filter(|&i| jtu[i].defined() && jtu[i].requires_grad()).collect();
         if live.is_empty() {
             return Ok(());
         }
-        let jtu_live: Vec<Tensor> = live.iter().map(|&i| jtu[i].shallow_clone()).collect();
+        let jtu_live: Vec<&Tensor> = live.iter().map(|&i| &jtu[i]).collect();
+        let u_in = std::slice::from_ref(&u);
         // Hessian of the mean cross-entropy (and of the mean KL) w.r.t. the logits, row by row:
         // (diag(p) − p pᵀ)/B with p = softmax(z).
         let p = z.detach().softmax(-1, Kind::Float);
         let bsz = z.size()[0] as f64;
         let n = probes.len();
         for (k, v) in probes.iter().enumerate() {
-            let vl: Vec<Tensor> = live.iter().map(|&i| v[i].shallow_clone()).collect();
-            let d = dot_all(&jtu_live, &vl);
-            let jv = Tensor::f_run_backward(&[&d], &[&u], true, false)?.remove(0);
+            let vl: Vec<&Tensor> = live.iter().map(|&i| &v[i]).collect();
+            let jv = autograd::grad(&jtu_live, &vl, u_in, true, false)?.remove(0);
             let jv = if jv.defined() { jv } else { Tensor::zeros_like(&z) };
-            let pj = (&p * &jv).sum_dim_intlist(-1, true, Kind::Float);
-            let r = (&p * &jv - &p * pj) / bsz;
-            let zr = (&z * r.detach()).sum(Kind::Float);
-            let gv = Tensor::f_run_backward(&[&zr], &self.weights, k + 1 < n, false)?;
-            for (acc, h) in out[k].iter_mut().zip(gv) {
-                if h.defined() {
-                    *acc += h * b.weight;
-                }
-            }
+            let pjv = &p * &jv;
+            let pj = pjv.sum_dim_intlist(-1, true, Kind::Float);
+            let r = (pjv - &p * pj) / bsz;
+            // J^T r: the logits' backward pass seeded with r.
+            let gv = autograd::grad(&[&z], &[&r], &self.weights, k + 1 < n, false)?;
+            accumulate(&mut out[k], gv, v, b.weight);
         }
         Ok(())
     }
@@ -364,5 +376,132 @@ impl<'a> HvpEngine<'a> {
         let h = Tensor::stack(&rows, 0);
         // Symmetrize away float rounding.
         Ok((&h + h.tr()) / 2.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::data::Dataset;
+    use crate::model::torchscript::TorchScriptModel;
+    use crate::sensitivity::stats::rademacher;
+    use std::time::Instant;
+
+    /// The products as mixq took them before the grad_outputs shim (one batch): the gradient of
+    /// the scalar Σ_i ⟨g_i, v_i⟩ by `run_backward`, added to zeros times the batch weight.
+    fn dot_product_backward(engine: &HvpEngine<'_>, probes: &[Vec<Tensor>]) -> Result<Vec<Vec<Tensor>>> {
+        let b = &engine.batches[0];
+        tch::with_grad(|| {
+            let (_, l) = engine.batch_loss(b)?;
+            let g = Tensor::f_run_backward(&[&l], &engine.weights, true, true)?;
+            let n = probes.len();
+            let mut out = Vec::with_capacity(n);
+            for (k, v) in probes.iter().enumerate() {
+                let mut d: Option<Tensor> = None;
+                for (x, y) in g.iter().zip(v) {
+                    let t = (x * y).sum(Kind::Float);
+                    d = Some(match d {
+                        None => t,
+                        Some(s) => s + t,
+                    });
+                }
+                let d = d.expect("layers");
+                let hv = Tensor::f_run_backward(&[&d], &engine.weights, k + 1 < n, false)?;
+                let mut acc: Vec<Tensor> = engine.weights.iter().map(Tensor::zeros_like).collect();
+                for (a, h) in acc.iter_mut().zip(hv) {
+                    if h.defined() {
+                        *a += h * b.weight;
+                    }
+                }
+                out.push(acc);
+            }
+            Ok(out)
+        })
+    }
+
+    fn fixture_engine(data: &Dataset) -> Result<(TorchScriptModel, Vec<Vec<i64>>)> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny_cnn.pt");
+        let model = TorchScriptModel::load(&path, &data.x.narrow(0, 0, 8))?;
+        let shapes = model.layers().iter().map(|l| model.weight(&l.name).map(|w| w.size())).collect::<Result<Vec<_>>>()?;
+        Ok((model, shapes))
+    }
+
+    #[test]
+    fn grad_outputs_products_equal_the_dot_product_backward() -> Result<()> {
+        let data = Dataset::digits("calib")?;
+        let (model, shapes) = fixture_engine(&data)?;
+        let engine = HvpEngine::new(&model, &data, 256, Curvature::Hessian)?;
+        let probes: Vec<_> = (0..4).map(|i| rademacher(&shapes, 0, 1, i)).collect();
+        let new = engine.hvp_many(&probes)?;
+        let old = dot_product_backward(&engine, &probes)?;
+        for (k, (a, b)) in new.iter().zip(&old).enumerate() {
+            for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                let diff = (x - y).abs().max().double_value(&[]);
+                let scale = y.abs().max().double_value(&[]);
+                assert!(diff <= 1e-6 * scale, "probe {k} layer {i}: max |new − old| {diff:e} of max |old| {scale:e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Interleaved A/B timing in one process (load from other jobs hits both sides alike):
+    /// `OMP_NUM_THREADS=1 cargo test --lib hvp::tests::ab_timing -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "timing, not a test: run by hand"]
+    fn ab_timing() -> Result<()> {
+        let data = Dataset::digits("calib")?;
+        let (model, shapes) = fixture_engine(&data)?;
+        let engine = HvpEngine::new(&model, &data, 256, Curvature::Hessian)?;
+        let probes: Vec<_> = (0..16).map(|i| rademacher(&shapes, 0, 1, i)).collect();
+        let rounds: usize = std::env::var("AB_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(40);
+        println!("libtorch intra-op threads: {}", tch::get_num_threads());
+        for k in [1usize, 4, 16] {
+            let (mut t_new, mut t_old) = (Vec::new(), Vec::new());
+            for _ in 0..rounds {
+                let t = Instant::now();
+                engine.hvp_many(&probes[..k])?;
+                t_new.push(t.elapsed().as_secs_f64() * 1e3 / k as f64);
+                let t = Instant::now();
+                dot_product_backward(&engine, &probes[..k])?;
+                t_old.push(t.elapsed().as_secs_f64() * 1e3 / k as f64);
+            }
+            let stats = |t: &mut Vec<f64>| {
+                t.sort_by(f64::total_cmp);
+                (t[0], t[t.len() / 2])
+            };
+            let ((nmin, nmed), (omin, omed)) = (stats(&mut t_new), stats(&mut t_old));
+            println!(
+                "{k:>2} per pass, {rounds} alternations, ms per product min / median: grad_outputs {nmin:.2} / {nmed:.2}, Σ⟨g,v⟩ backward {omin:.2} / {omed:.2}"
+            );
+        }
+        // The same, grad_outputs only, with and without the biases requiring gradients (the
+        // PyTorch side of experiments/pyhessian freezes them; mixq's TorchScript model does not).
+        let layer_weights: Vec<String> = model.layers().iter().map(|l| format!("{}.weight", l.name)).collect();
+        let others: Vec<Tensor> =
+            model.named_parameters().into_iter().filter(|(n, t)| t.requires_grad() && !layer_weights.contains(n)).map(|(_, t)| t).collect();
+        let (mut t_live, mut t_frozen) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            for (freeze, ts) in [(false, &mut t_live), (true, &mut t_frozen)] {
+                for t in &others {
+                    let _ = t.shallow_clone().set_requires_grad(!freeze);
+                }
+                let t = Instant::now();
+                engine.hvp_many(&probes)?;
+                ts.push(t.elapsed().as_secs_f64() * 1e3 / 16.0);
+            }
+        }
+        for t in &others {
+            let _ = t.shallow_clone().set_requires_grad(true);
+        }
+        let med = |t: &mut Vec<f64>| {
+            t.sort_by(f64::total_cmp);
+            (t[0], t[t.len() / 2])
+        };
+        let ((lmin, lmed), (fmin, fmed)) = (med(&mut t_live), med(&mut t_frozen));
+        println!(
+            "16 per pass, grad_outputs, {} other parameters: requiring grad {lmin:.2} / {lmed:.2}, frozen {fmin:.2} / {fmed:.2} ms per product (min / median)",
+            others.len()
+        );
+        Ok(())
     }
 }

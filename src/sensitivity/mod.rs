@@ -19,6 +19,7 @@
 //! ([`report::merge`]).
 
 pub mod activation;
+mod autograd;
 pub mod eigen;
 pub mod hutchinson;
 pub mod hvp;
@@ -231,11 +232,20 @@ pub struct RunOptions {
     pub resume: bool,
     /// Least time between two checkpoints (zero: after every pass).
     pub checkpoint_every: Duration,
+    /// Workers of the measured estimator, each with its own model replica (1: serial, with
+    /// libtorch's own threads; at least 1). Not part of the cache key: the report is the same.
+    pub jobs: usize,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions { cache_dir: None, read_cache: true, resume: false, checkpoint_every: Duration::from_secs(10) }
+        RunOptions {
+            cache_dir: None,
+            read_cache: true,
+            resume: false,
+            checkpoint_every: Duration::from_secs(10),
+            jobs: proxies::default_jobs(),
+        }
     }
 }
 
@@ -327,6 +337,7 @@ pub fn estimate_with(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Estimated> {
     validate(settings)?;
+    proxies::check_jobs(opts.jobs)?;
     if settings.estimators.contains(&Estimator::Activation) && model.input_hooks().is_none() {
         return Err(Error::Unsupported(format!(
             "activation sensitivity (--estimator activation) needs a native mixq model (e.g. digits-resnet), whose forward pass \
@@ -395,6 +406,7 @@ pub fn estimate_with(
         .collect();
     let specs: Vec<QuantSpec> = settings.formats.iter().map(|&f| QuantSpec::new(f, settings.granularity)).collect();
     let mut probes_used = json!(null);
+    let mut total_trace = None;
     // Products a resumed trace estimator would have made without the interruption, minus those
     // it made (its recomputed sketch): the report counts the work of an uninterrupted run.
     let mut hvp_adjust: i64 = 0;
@@ -429,6 +441,7 @@ pub fn estimate_with(
                     c.save()?;
                 }
                 probes_used = json!(r.probes);
+                total_trace = r.total.clone();
                 for (i, (l, t)) in layers.iter_mut().zip(&r.layers).enumerate() {
                     l.trace = Some(t.trace);
                     l.trace_std_err = Some(t.std_err);
@@ -454,7 +467,9 @@ pub fn estimate_with(
                 }
             }
             Estimator::Measured => {
-                for (l, row) in layers.iter_mut().zip(proxies::measured_delta_loss(&engine, &specs)?) {
+                for (l, row) in
+                    layers.iter_mut().zip(proxies::measured_delta_loss_jobs(&engine, data, settings.batch_size, &specs, opts.jobs)?)
+                {
                     l.measured_delta_loss = specs.iter().zip(row).map(|(s, v)| (fmt_key(s), v)).collect();
                 }
             }
@@ -467,7 +482,9 @@ pub fn estimate_with(
             }
             Estimator::Activation => {
                 let hooks = model.input_hooks().ok_or_else(|| Error::Unsupported("activation sensitivity needs a native model".into()))?;
-                let traces = activation::activation_traces(hooks, data, &activation_settings(settings))?;
+                let traces = activation::activation_traces_with_progress(hooks, data, &activation_settings(settings), progress)?;
+                // One curvature–vector product per probe (its own engine's, not `engine`'s).
+                hvp_adjust += traces.first().map_or(0, |a| a.trace.probes as i64);
                 for (l, a) in layers.iter_mut().zip(traces) {
                     if a.name != l.name {
                         return Err(Error::Model {
@@ -496,6 +513,7 @@ pub fn estimate_with(
         data_sha256,
         settings: settings_json,
         layers,
+        total_trace,
     };
     let json = report.to_json();
     if let Some(path) = &cache_file {

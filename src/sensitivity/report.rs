@@ -2,9 +2,11 @@
 //! engine (which writes it) and the cost model / allocator (which read it); where reports are
 //! cached ([`default_cache_dir`], [`cache_key`]); and how shard reports pool ([`merge`]). Each
 //! trace layer keeps its raw probe statistics in `extra.trace_stats` (`n`, `mean`, `m2` of the
-//! random samples, and the exact `offset` of Hutch++'s sketch), which is what makes pooling exact.
+//! random samples, and the exact `offset` of Hutch++'s sketch), which is what makes pooling exact;
+//! the total over the layers ([`SensitivityReport::total_trace`]) keeps the same statistics of
+//! its own per-probe samples.
 
-use super::hutchinson::TraceSettings;
+use super::hutchinson::{TotalTrace, TraceSettings};
 use super::stats::Welford;
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -115,6 +117,12 @@ pub struct SensitivityReport {
     pub settings: serde_json::Value,
     /// Per-layer statistics, in the model's layer order.
     pub layers: Vec<LayerSensitivity>,
+    /// Σ_i Tr(H_i) over the layers with its own standard error, from per-probe samples of the
+    /// total (the trace estimators; absent from reports of other estimators, from reports
+    /// written before mixq recorded it, and from runs resumed from such a checkpoint). An
+    /// optional field: version-1 reports without it still read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_trace: Option<TotalTrace>,
 }
 
 impl SensitivityReport {
@@ -332,6 +340,12 @@ pub fn merge(inputs: &[(PathBuf, SensitivityReport)]) -> Result<SensitivityRepor
             .and_then(|v| v.as_f64())
             .ok_or_else(|| Error::parse(p0.as_path(), format!("settings.{k} missing: not a trace report")))
     };
+    // The total pools like a layer; it is dropped if any shard lacks it (an older build's report).
+    let totals: Option<Vec<_>> = parts.iter().map(|(_, r, _, _)| r.total_trace.as_ref().map(|t| t.stats)).collect();
+    let total_trace = totals.map(|ts| {
+        let w = ts.iter().fold(Welford::default(), |acc, t| acc.merge(&t.welford()));
+        TotalTrace::new(ts.iter().map(|t| t.offset / ts.len() as f64).sum(), w)
+    });
     let rule =
         TraceSettings { tol: num("tol")?, tol_floor: num("tol_floor")?, min_probes: num("min_probes")? as u64, ..Default::default() };
     let (traces, _) = crate::sensitivity::hutchinson::summarize(&offsets, &stats, &rule);
@@ -354,5 +368,50 @@ pub fn merge(inputs: &[(PathBuf, SensitivityReport)]) -> Result<SensitivityRepor
         settings["shard"] = serde_json::json!({"count": count0, "indices": indices});
     }
     merged.settings = settings;
+    merged.total_trace = total_trace;
     Ok(merged)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::data::Dataset;
+    use crate::model::zoo::DigitsResNet;
+    use crate::sensitivity::{estimate, Estimator, SensitivitySettings, Shard};
+
+    #[test]
+    fn shards_pool_the_total_trace() -> Result<()> {
+        let model = DigitsResNet::untrained();
+        let data = Dataset::digits("calib")?.take(8);
+        for est in [Estimator::Hutchinson, Estimator::Hutchpp] {
+            let trace =
+                TraceSettings { min_probes: 7, max_probes: 7, block: 2, tol: 1e-9, tol_floor: 0.0, sketch: 2, ..Default::default() };
+            let whole = SensitivitySettings { estimators: vec![est], batch_size: 8, trace, ..Default::default() };
+            let all = estimate(&model, &data, &whole, &mut |_| {})?;
+            let mut shards = Vec::new();
+            for k in [1, 0] {
+                let s = SensitivitySettings {
+                    trace: TraceSettings { shard: Shard { index: k, count: 2 }, ..whole.trace.clone() },
+                    ..whole.clone()
+                };
+                shards.push((PathBuf::from(format!("shard{k}.json")), estimate(&model, &data, &s, &mut |_| {})?));
+            }
+            let merged = merge(&shards)?;
+            let (m, w) = (merged.total_trace.as_ref().expect("merged total"), all.total_trace.as_ref().expect("total"));
+            assert_eq!(m.probes, 7);
+            for (a, b, what) in [(m.trace, w.trace, "trace"), (m.std_err, w.std_err, "s.e."), (m.ci95, w.ci95, "CI")] {
+                assert!((a - b).abs() <= 1e-9 * b.abs().max(1e-300), "{est}: merged total {what} {a} vs whole run {b}");
+            }
+            // A shard of an older build (no total): the merge has none, rather than a wrong one.
+            shards[0].1.total_trace = None;
+            assert!(merge(&shards)?.total_trace.is_none());
+            // The field round-trips through JSON, and a report without it still reads.
+            let back = SensitivityReport::from_json(&all.to_json(), Path::new("r.json"))?;
+            assert_eq!(back, all);
+            let old = SensitivityReport { total_trace: None, ..all.clone() };
+            assert!(!old.to_json().contains("total_trace"));
+            assert_eq!(SensitivityReport::from_json(&old.to_json(), Path::new("r.json"))?, old);
+        }
+        Ok(())
+    }
 }

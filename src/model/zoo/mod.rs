@@ -475,6 +475,24 @@ impl QuantModel for DigitsResNet {
         Some(self)
     }
 
+    /// A new VarStore with the same architecture and every variable copied (bit for bit, under
+    /// no_grad), and the same activation-quantization settings. Building the empty architecture
+    /// draws its throwaway initial values from libtorch's global generator, as loading does;
+    /// nothing in mixq depends on that generator.
+    fn replicate(&self) -> Result<Box<dyn QuantModel + Send>> {
+        let mut m = DigitsResNet::empty();
+        m.vs.copy(&self.vs)
+            .map_err(|e| Error::Model { model: self.name.clone(), msg: format!("cannot copy the weights into a replica: {e}") })?;
+        m.name = self.name.clone();
+        let act = self
+            .act_quant
+            .lock()
+            .map_err(|_| Error::Model { model: self.name.clone(), msg: "activation-quantization table poisoned".into() })?
+            .clone();
+        m.act_quant = Mutex::new(act);
+        Ok(Box::new(m))
+    }
+
     fn set_activation_quant(&self, layer: &str, format: Option<Format>) -> Result<()> {
         self.layer(layer)?;
         let mut map = self
