@@ -271,45 +271,18 @@ fn latency_table_drives_a_latency_budget() {
     let budget = (500.0 * (fastest + slowest)).floor() / 1000.0;
     let o = common::mixq(&["sensitivity", "--max-probes", "4", "--min-probes", "2", "-o", &p("sens.json")], &home);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let budget_arg = format!("latency={budget:.3}us");
-    let o = common::mixq(
-        &[
-            "allocate",
-            "--sens",
-            &p("sens.json"),
-            "--formats",
-            candidates,
-            "--latency",
-            &p("lat.csv"),
-            "--budget",
-            &budget_arg,
-            "-o",
-            &p("cfg.json"),
-        ],
-        &home,
-    );
+    let (sens, lat_csv) = (p("sens.json"), p("lat.csv"));
+    let allocate = |budget: &str, out: &str| {
+        let args = ["allocate", "--sens", &sens, "--formats", candidates, "--latency", &lat_csv, "--budget", budget, "-o", out];
+        common::mixq(&args, &home)
+    };
+    let o = allocate(&format!("latency={budget:.3}us"), &p("cfg.json"));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let cfg = QuantConfig::load(&d.join("cfg.json")).unwrap();
     let used: f64 = model.layers().iter().map(|l| lat(&l.name, &mixq::cost::spec_label(&cfg.layers[&l.name].spec()))).sum();
     assert!(used <= budget * (1.0 + 1e-9), "allocation uses {used} µs, budget {budget} µs");
     // Below the fastest configuration: infeasible, nothing written.
-    let tight = format!("latency={:.3}us", 0.9 * fastest);
-    let o = common::mixq(
-        &[
-            "allocate",
-            "--sens",
-            &p("sens.json"),
-            "--formats",
-            candidates,
-            "--latency",
-            &p("lat.csv"),
-            "--budget",
-            &tight,
-            "-o",
-            &p("none.json"),
-        ],
-        &home,
-    );
+    let o = allocate(&format!("latency={:.3}us", 0.9 * fastest), &p("none.json"));
     assert!(!o.status.success() && !d.join("none.json").exists());
     // A format without a kernel.
     let o = common::mixq(&["latency", "--formats", "int4,int3", "-o", &p("bad.csv")], &home);
