@@ -8,6 +8,8 @@
 //!   `experiments/pyhessian/`, so the per-product time compares with PyTorch's on the same work:
 //!   1 probe per pass ↔ a full PyTorch product (forward, backward, double backward); many probes
 //!   per pass ↔ PyHessian's product on its cached gradient (double backward only).
+//!
+//! Both first call `mixq::util::tune_allocator`, as the `mixq` binary does.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use mixq::model::data::Dataset;
@@ -17,6 +19,7 @@ use mixq::sensitivity::{stats::rademacher, Curvature, HvpEngine};
 use std::path::Path;
 
 fn digits_resnet(c: &mut Criterion) {
+    mixq::util::tune_allocator(); // as the `mixq` binary does
     let model = DigitsResNet::untrained();
     let data = Dataset::digits("calib").expect("embedded digits").take(256);
     let mut g = c.benchmark_group("hvp_digits_resnet_256_samples");
@@ -34,6 +37,7 @@ fn digits_resnet(c: &mut Criterion) {
 }
 
 fn tiny_cnn_fixture(c: &mut Criterion) {
+    mixq::util::tune_allocator(); // as the `mixq` binary does
     let data = Dataset::digits("calib").expect("embedded digits");
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny_cnn.pt");
     let model = TorchScriptModel::load(&path, &data.x.narrow(0, 0, 8)).expect("fixture");

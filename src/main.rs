@@ -3,6 +3,7 @@ use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    mixq::util::tune_allocator();
     let cli = mixq::cli::Cli::parse();
     match mixq::cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
