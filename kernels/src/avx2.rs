@@ -9,11 +9,16 @@
 //! - `m == 1` (GEMV): decode and FMA fused, four independent accumulators per row and scale
 //!   group over unscaled codes, the group's scale applied once per group; the kernel streams the
 //!   packed weight once, so its speed is the decode throughput or the memory bandwidth,
-//!   whichever is lower.
+//!   whichever is lower; a software prefetch [`PF_GEMV`] bytes ahead keeps DRAM requests in
+//!   flight while the core decodes (as the W4A8 kernel's `PF_W4A8`).
 //! - `m > 1`: per task of up to [`ROWS`] weight rows and per chunk of [`KC`] inner elements,
 //!   the rows are decoded once into an L1-resident buffer, then a 2 × 4 register tile (two
 //!   activation rows × four weight rows, eight accumulators) runs over it for all `m`: decoding
 //!   is amortised over `m`, the activation chunk is reused by the four rows from L1.
+//!
+//! W8A8 (`gemm::matmul_w8a8`): `i8_rows` (`sign` + `maddubs` + `madd` on the raw bytes) for
+//! `m` below a few rows; from there on `i16_rows`, a 2 × 4 `vpmaddwd` register tile over INT16
+//! panels widened once per call (`pack_panel_i16`), and `quantize_row_avx2` for the activations.
 //!
 //! W4A8-dynamic (`w4a8_rows`, for `gemm::matmul_w4a8`): int4 weights against activations
 //! quantized to INT8 per block of 32, exact integer dot products with `maddubs`, one FP32
@@ -46,6 +51,8 @@ pub(crate) trait Block: Sync {
     unsafe fn block_raw(&self, row: *const u8, b: usize, z: i32) -> [__m256; 4];
     /// The power of two the scale is multiplied by for [`Block::block_raw`]'s values.
     const FACTOR: f32;
+    /// Packed bytes per block of 32 elements (16 for the 4-bit formats, 32 for the 8-bit ones).
+    const BLOCK_BYTES: usize;
     /// Block `b` of the row starting at `row`, with the scale and (stored-domain) zero point of
     /// its group: exact dequantized values.
     ///
@@ -133,6 +140,7 @@ impl Block for Int4<'_> {
         [a, b2, c, d]
     }
     const FACTOR: f32 = 1.0;
+    const BLOCK_BYTES: usize = NIBBLE_BLOCK_BYTES;
     fn w(&self) -> &PackedWeight {
         self.0
     }
@@ -152,6 +160,7 @@ impl Block for Int8<'_> {
         out
     }
     const FACTOR: f32 = 1.0;
+    const BLOCK_BYTES: usize = NIBBLE_BLOCK;
     fn w(&self) -> &PackedWeight {
         self.0
     }
@@ -170,16 +179,22 @@ impl Block for Fp8<'_> {
         let _ = z;
         let p = row.add(b * NIBBLE_BLOCK);
         let clear14 = _mm256_set1_epi16(!0x4000);
-        let mut out = [_mm256_setzero_ps(); 4];
-        for half in 0..2 {
-            let q = _mm256_cvtepu8_epi16(_mm_loadu_si128(p.add(16 * half) as *const __m128i));
-            let h = _mm256_and_si256(_mm256_srai_epi16::<1>(_mm256_slli_epi16::<8>(q)), clear14);
-            out[2 * half] = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
-            out[2 * half + 1] = _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(h));
-        }
-        out
+        // Interleaving with zero bytes puts each byte in the high half of a 16-bit lane in one
+        // in-lane µop (the former `vpmovzxbw` + `vpsllw` took two, one of them across lanes):
+        // `lo` holds elements 0..8 (low 128 bits) and 16..24 (high), `hi` 8..16 and 24..32.
+        let v = _mm256_loadu_si256(p as *const __m256i);
+        let z = _mm256_setzero_si256();
+        let lo = _mm256_and_si256(_mm256_srai_epi16::<1>(_mm256_unpacklo_epi8(z, v)), clear14);
+        let hi = _mm256_and_si256(_mm256_srai_epi16::<1>(_mm256_unpackhi_epi8(z, v)), clear14);
+        [
+            _mm256_cvtph_ps(_mm256_castsi256_si128(lo)),
+            _mm256_cvtph_ps(_mm256_castsi256_si128(hi)),
+            _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(lo)),
+            _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(hi)),
+        ]
     }
     const FACTOR: f32 = 256.0;
+    const BLOCK_BYTES: usize = NIBBLE_BLOCK;
     fn w(&self) -> &PackedWeight {
         self.0
     }
@@ -204,6 +219,7 @@ impl Block for Fp4<'_> {
         [a, b2, c, d]
     }
     const FACTOR: f32 = 0.5;
+    const BLOCK_BYTES: usize = NIBBLE_BLOCK_BYTES;
     fn w(&self) -> &PackedWeight {
         self.0
     }
@@ -262,11 +278,26 @@ pub(crate) unsafe fn rows<D: Block>(d: &D, x: &[f32], m: usize, r0: usize, yt: &
     }
 }
 
+/// Software prefetch distance of the FP32-activation GEMV, in bytes ahead in the weight stream
+/// (rows of a task are contiguous, so it runs on into the next row): one prefetch per 64-byte line.
+/// Cold weights, 4096 × 11008, two threads, load average 3.8–4.6 (medians of 15 interleaved
+/// rounds, three runs each): W8 10.1–14.1 ms without, 8.6–9.2 ms with 2048, 9.0–9.8 ms with 4096;
+/// FP8 10.5–14.1 / 9.2–9.9 / 8.7–10.3 ms. In cache it costs a few per cent.
+const PF_GEMV: usize = 4096;
+
 /// GEMV (`m == 1`): per scale group, four FP32 accumulators of unscaled values
 /// ([`Block::block_raw`]) times the activations, then one multiply-add by the group's scale —
 /// instead of a multiply per decoded element (in cache, one thread, 256 × 4096: 10–13 % faster
 /// for int4 g64/g128, 22 % for int8, 13 % for FP8, 2–6 % for FP4 g32, minimum of 1001 interleaved
 /// runs under load). Exact for an identity input as before: each product is `v · 1`, scaled once.
+///
+/// Tried and measured worse or no better on 2026-11-29 (cold weights, two threads, load average
+/// 1.7–3.1, medians of 15–31 interleaved rounds, three runs each): two rows per pass, one
+/// activation load feeding both (4096 × 11008: W8 5.05–6.04 ms against 5.72–6.44 ms; 4096 ×
+/// 4096: W8 2.04–2.45 against 1.55–2.21 ms, FP4 up to 2× slower; the bench summary's 4-bit GEMVs
+/// 2–4× slower); chunks of 4096 elements across the task's rows so that the activations of a
+/// long row (44 KB at K = 11008) are read from L1 (4096 × 11008: W8 minimum 3.1–3.4 ms against
+/// 2.6–2.8 ms, CPU time 8.6–9.6 against 6.9–8.1 ms).
 ///
 /// # Safety
 /// As [`rows`] with `m == 1`.
@@ -289,6 +320,11 @@ unsafe fn gemv<D: Block>(d: &D, x: &[f32], r0: usize, yt: &mut [f32]) {
             let z = w.zero(r, g);
             let mut ag = [_mm256_setzero_ps(); 4];
             while b < end {
+                if PF_GEMV > 0 && (b * D::BLOCK_BYTES) % 64 == 0 {
+                    // May point past the weight: a prefetch never faults, and wrapping_add keeps
+                    // the pointer arithmetic defined.
+                    _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(b * D::BLOCK_BYTES + PF_GEMV) as *const i8);
+                }
                 let wv = d.block_raw(row, b, z);
                 for i in 0..4 {
                     ag[i] = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(b * NIBBLE_BLOCK + 8 * i)), wv[i], ag[i]);
@@ -417,6 +453,108 @@ pub(crate) unsafe fn i8_rows(wq: &[u8], xq: &[i8], k: usize, m: usize, r0: usize
             j += nr;
         }
         i += mr;
+    }
+}
+
+/// Weight rows per register tile of [`i16_rows`] (a panel's rows come in tiles of this many).
+pub(crate) const W8A8_NR: usize = 4;
+/// Activation rows per register tile of [`i16_rows`].
+const W8A8_MR: usize = 2;
+
+/// INT16 × INT16 → INT32 dot products for W8A8 at `m` ≥ a few rows, on operands widened once:
+/// adds, for weight rows `j < nb` and activation rows `i < m`, the eight INT32 lane sums of
+/// `Σ_t x16[i, k0 + t] · w[j, t]` (`t < kc`) to `acc8[8 (j · m + i) ..][..8]`.
+///
+/// The weight chunk comes packed in `panel`: tiles of [`W8A8_NR`] rows (the last may be shorter,
+/// `nr` rows), tile `jt` at offset `W8A8_NR · jt · kc`, inside it step `s` (16 elements) at
+/// `s · nr · 16`, row `jj` of the tile at `+ 16 jj`. A 2 × 4 register tile (two activation
+/// rows, four weight rows: eight accumulators, the four weight vectors, one activation vector,
+/// one product: no spills in 16 ymm registers) runs `vpmaddwd`: 16 multiply-adds per µop, exact
+/// (|products| ≤ 128 · 127, pair sums < 2^15), the same multiply-port cost per element as
+/// `maddubs` + `madd` but no `sign` per pair. Measured (1024 × 4096, M = 128, one thread, CPU
+/// time, median of 7, load average 3.5–3.9): 2 × 4 15.8–17.8 ms, 3 × 3 17.2–22.4 ms, 3 × 4
+/// (spills one accumulator) 17.8–20.0 ms, the `i8_rows` 2 × 4 `maddubs` kernel 24.0–25.9 ms.
+///
+/// # Safety
+/// AVX2 available; `kc` a multiple of 16; `panel.len() >= nb · kc`; `x16.len() == m · k`;
+/// `k0 + kc <= k`; `acc8.len() == 8 · nb · m`.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn i16_rows(panel: &[i16], nb: usize, kc: usize, x16: &[i16], k: usize, m: usize, k0: usize, acc8: &mut [i32]) {
+    let mut j = 0;
+    while j < nb {
+        let nr = (nb - j).min(W8A8_NR);
+        let wp = panel.as_ptr().add(j * kc);
+        let mut i = 0;
+        while i < m {
+            let mr = (m - i).min(W8A8_MR);
+            let xp = x16.as_ptr().add(i * k + k0);
+            let ap = acc8.as_mut_ptr().add(8 * (j * m + i));
+            match (mr, nr) {
+                (2, 4) => i16_tile::<2, 4>(wp, xp, k, kc, m, ap),
+                (1, 4) => i16_tile::<1, 4>(wp, xp, k, kc, m, ap),
+                (2, 3) => i16_tile::<2, 3>(wp, xp, k, kc, m, ap),
+                (1, 3) => i16_tile::<1, 3>(wp, xp, k, kc, m, ap),
+                (2, 2) => i16_tile::<2, 2>(wp, xp, k, kc, m, ap),
+                (1, 2) => i16_tile::<1, 2>(wp, xp, k, kc, m, ap),
+                (2, _) => i16_tile::<2, 1>(wp, xp, k, kc, m, ap),
+                _ => i16_tile::<1, 1>(wp, xp, k, kc, m, ap),
+            }
+            i += mr;
+        }
+        j += nr;
+    }
+}
+
+/// Packs weight rows `r0 .. r0 + pn` (row stride `k` in `w`), elements `k0 .. k0 + kc`, into
+/// `panel` as INT16 in [`i16_rows`]' layout (`vpmovsxbw` per 16 bytes).
+///
+/// # Safety
+/// AVX2 available; `kc` a multiple of 16; `(r0 + pn) · k <= w.len()` and `k0 + kc <= k`;
+/// `panel.len() >= pn · kc`.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn pack_panel_i16(w: &[u8], k: usize, r0: usize, pn: usize, k0: usize, kc: usize, panel: &mut [i16]) {
+    let mut j = 0;
+    while j < pn {
+        let nr = (pn - j).min(W8A8_NR);
+        let tile = panel.as_mut_ptr().add(j * kc);
+        for jj in 0..nr {
+            let src = w.as_ptr().add((r0 + j + jj) * k + k0);
+            let mut s = 0;
+            while s < kc {
+                let v = _mm256_cvtepi8_epi16(_mm_loadu_si128(src.add(s) as *const __m128i));
+                _mm256_storeu_si256(tile.add(s * nr + 16 * jj) as *mut __m256i, v);
+                s += 16;
+            }
+        }
+        j += nr;
+    }
+}
+
+/// One `MR × NR` tile of [`i16_rows`]: `wp` the tile's panel (`NR` rows), `xp` activation row
+/// `i0` at element `k0` (row stride `ldx`), `ap` the lanes of output `(j0, i0)` (row stride
+/// `8 m` per weight row, 8 per activation row).
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn i16_tile<const MR: usize, const NR: usize>(wp: *const i16, xp: *const i16, ldx: usize, kc: usize, m: usize, ap: *mut i32) {
+    let mut a = [[_mm256_setzero_si256(); NR]; MR];
+    let mut s = 0;
+    while s < kc {
+        let w = wp.add(s * NR);
+        for ii in 0..MR {
+            let xv = _mm256_loadu_si256(xp.add(ii * ldx + s) as *const __m256i);
+            for jj in 0..NR {
+                let wv = _mm256_loadu_si256(w.add(16 * jj) as *const __m256i);
+                a[ii][jj] = _mm256_add_epi32(a[ii][jj], _mm256_madd_epi16(xv, wv));
+            }
+        }
+        s += 16;
+    }
+    for ii in 0..MR {
+        for jj in 0..NR {
+            let p = ap.add(8 * (jj * m + ii)) as *mut __m256i;
+            _mm256_storeu_si256(p, _mm256_add_epi32(_mm256_loadu_si256(p), a[ii][jj]));
+        }
     }
 }
 
@@ -649,8 +787,6 @@ pub(crate) unsafe fn w4a8_rows(w: &PackedWeight, xs: &[W4a8Row], mode: PairGroup
 pub(crate) unsafe fn quantize_blocks_avx2(x: &[f32], codes: &mut [i8], scales: &mut [f32]) {
     let full = x.len() / NIBBLE_BLOCK;
     let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
-    let (lo, hi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
-    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for b in 0..full {
         let p = x.as_ptr().add(b * NIBBLE_BLOCK);
         let v = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))];
@@ -664,15 +800,61 @@ pub(crate) unsafe fn quantize_blocks_avx2(x: &[f32], codes: &mut [i8], scales: &
         let d = amax / 127.0;
         let s = if d > 0.0 { d } else { 1.0 };
         scales[b] = s;
-        let sv = _mm256_set1_ps(s);
-        let mut q = [_mm256_setzero_si256(); 4];
-        for (q, v) in q.iter_mut().zip(v) {
-            let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_div_ps(v, sv));
-            *q = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
-        }
-        let packed = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
-        _mm256_storeu_si256(codes.as_mut_ptr().add(b * NIBBLE_BLOCK) as *mut __m256i, _mm256_permutevar8x32_epi32(packed, order));
+        _mm256_storeu_si256(codes.as_mut_ptr().add(b * NIBBLE_BLOCK) as *mut __m256i, codes32(v, s));
     }
     let t = full * NIBBLE_BLOCK;
     crate::gemm::quantize_blocks(&x[t..], &mut codes[t..], &mut scales[full..]);
+}
+
+/// The 32 codes `clamp(round_ties_even(v / s), -127, 127)` of four vectors, in order: a correctly
+/// rounded division, round-half-even, clamp, as the portable `(v / s).round_ties_even().clamp(..)`.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn codes32(v: [__m256; 4], s: f32) -> __m256i {
+    let (lo, hi) = (_mm256_set1_ps(-127.0), _mm256_set1_ps(127.0));
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    let sv = _mm256_set1_ps(s);
+    let mut q = [_mm256_setzero_si256(); 4];
+    for (q, v) in q.iter_mut().zip(v) {
+        let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_div_ps(v, sv));
+        *q = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
+    }
+    let packed = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    _mm256_permutevar8x32_epi32(packed, order)
+}
+
+/// Per-row activation quantization for W8A8, the AVX2 version of the loop in
+/// `gemm::quantize_activations`: the row's `max |x|` (exact in any order), `scale = amax / 127`
+/// (1 for an all-zero row), codes as [`codes32`] (the tail element by element, as the portable
+/// code), so the same codes and scale bit for bit. Returns the scale.
+///
+/// # Safety
+/// AVX2 + FMA available; `codes.len() == x.len()`.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn quantize_row_avx2(x: &[f32], codes: &mut [i8]) -> f32 {
+    let full = x.len() / NIBBLE_BLOCK;
+    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFF_FFFF));
+    let mut mv = _mm256_setzero_ps();
+    for b in 0..full {
+        let p = x.as_ptr().add(b * NIBBLE_BLOCK);
+        for i in 0..4 {
+            mv = _mm256_max_ps(mv, _mm256_and_ps(_mm256_loadu_ps(p.add(8 * i)), abs));
+        }
+    }
+    let m = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps::<1>(mv));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    let mut amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+    for v in &x[full * NIBBLE_BLOCK..] {
+        amax = amax.max(v.abs());
+    }
+    let s = if amax > 0.0 { amax / 127.0 } else { 1.0 };
+    for b in 0..full {
+        let p = x.as_ptr().add(b * NIBBLE_BLOCK);
+        let v = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))];
+        _mm256_storeu_si256(codes.as_mut_ptr().add(b * NIBBLE_BLOCK) as *mut __m256i, codes32(v, s));
+    }
+    for (c, v) in codes[full * NIBBLE_BLOCK..].iter_mut().zip(&x[full * NIBBLE_BLOCK..]) {
+        *c = (v / s).round_ties_even().clamp(-127.0, 127.0) as i8;
+    }
+    s
 }

@@ -4,7 +4,8 @@
 //! Work is split across rayon threads by blocks of weight rows (each task reads its rows once
 //! and writes its own slice of a transposed output `yᵀ[n, m]`, so no two tasks share a cache
 //! line of weights or outputs); `m > 1` results are transposed back at the end (`m · n`
-//! floats, negligible next to the product).
+//! floats, negligible next to the product). Calls below `SERIAL_MACS` multiply-adds run their
+//! tasks on the calling thread: rayon's hand-off costs more than a small layer's product.
 //!
 //! [`matmul_w4a8`] is a separate mode for int4 weights: it quantizes the activations to INT8 per
 //! block of 32 and multiplies integers, trading the activation rounding for several times fewer
@@ -50,6 +51,28 @@ fn has_avx2() -> bool {
 
 /// Rows of the weight per parallel task.
 const ROWS: usize = 8;
+
+/// Below this many multiply-adds per call (`m · n · k`) the tasks run one after another on the
+/// calling thread: handing tasks to rayon's pool costs about 17 µs per call here (10 × 128 at
+/// M = 1: 0.018 ms on the pool, under 1 µs serial; 64 × 576: 0.023 vs 0.005 ms), more than a small
+/// layer's whole product. One thread decodes and multiplies about 10 multiply-adds per ns in
+/// cache, so two threads win from about `2 · 17 µs · 10 / ns ≈ 340 k` on an idle machine; under
+/// load (average 4, the other core busy) serial stayed as fast up to 1024 × 2048. 2^19 sits
+/// between (`cargo run --release -p mixq-kernels --example latency -- N K M`, README).
+const SERIAL_MACS: usize = 1 << 19;
+
+/// Runs `f(t, chunk)` for the consecutive `chunk`-long pieces of `out` (`t` the piece's index):
+/// on rayon's pool, or on this thread when `macs <` [`SERIAL_MACS`] or the pool has one thread.
+fn run_tasks<F>(out: &mut [f32], chunk: usize, macs: usize, f: F)
+where
+    F: Fn(usize, &mut [f32]) + Send + Sync,
+{
+    if macs < SERIAL_MACS || rayon::current_num_threads() == 1 {
+        out.chunks_mut(chunk).enumerate().for_each(|(t, c)| f(t, c));
+    } else {
+        out.par_chunks_mut(chunk).enumerate().for_each(|(t, c)| f(t, c));
+    }
+}
 
 /// `y = x · Wᵀ` (`x`: `[m, k]`, `y`: `[m, n]`, row-major FP32) with the best kernel available.
 pub fn matmul(x: &[f32], m: usize, w: &PackedWeight, y: &mut [f32]) -> Result<()> {
@@ -98,7 +121,7 @@ pub fn matmul_isa(x: &[f32], m: usize, w: &PackedWeight, y: &mut [f32], isa: Isa
     }
     let mut yt = if m == 1 { Vec::new() } else { vec![0f32; m * w.n] };
     let out: &mut [f32] = if m == 1 { y } else { &mut yt };
-    out.par_chunks_mut(ROWS * m).enumerate().for_each(|(t, chunk)| {
+    run_tasks(out, ROWS * m, m.saturating_mul(w.n).saturating_mul(w.k), |t, chunk| {
         let r0 = t * ROWS;
         match isa {
             #[cfg(target_arch = "x86_64")]
@@ -168,6 +191,10 @@ pub struct QuantizedActivations {
 /// Per-row symmetric INT8 quantization of `x` (`[m, k]`): `round_ties_even(x / (amax/127))`.
 /// Errors on a shape mismatch or a non-finite value.
 pub fn quantize_activations(x: &[f32], m: usize, k: usize) -> Result<QuantizedActivations> {
+    quantize_activations_isa(x, m, k, Isa::Auto)
+}
+
+fn quantize_activations_isa(x: &[f32], m: usize, k: usize, isa: Isa) -> Result<QuantizedActivations> {
     if m == 0 || k == 0 || m.checked_mul(k) != Some(x.len()) {
         return Err(shape("activations x", format!("m · k values for [{m}, {k}] (m, k > 0)"), x.len()));
     }
@@ -176,7 +203,15 @@ pub fn quantize_activations(x: &[f32], m: usize, k: usize) -> Result<QuantizedAc
     }
     let mut codes = vec![0i8; m * k];
     let mut scales = vec![1f32; m];
+    let use_avx2 = isa != Isa::Scalar && has_avx2();
     for ((row, q), s) in x.chunks_exact(k).zip(codes.chunks_exact_mut(k)).zip(scales.iter_mut()) {
+        #[cfg(target_arch = "x86_64")]
+        if use_avx2 {
+            // SAFETY: AVX2 + FMA checked by has_avx2(); q.len() == row.len() == k.
+            *s = unsafe { crate::avx2::quantize_row_avx2(row, q) };
+            continue;
+        }
+        let _ = use_avx2;
         let amax = row.iter().fold(0f32, |a, v| a.max(v.abs()));
         if amax > 0.0 {
             *s = amax / 127.0;
@@ -204,16 +239,53 @@ pub fn matmul_w8a8_isa(x: &[f32], m: usize, w: &PackedWeight, y: &mut [f32], isa
         )));
     }
     check_xy(x, m, w.k, w.n, y)?;
-    let xq = quantize_activations(x, m, w.k)?;
     let use_avx2 = match isa {
         Isa::Auto => has_avx2(),
         Isa::Avx2 if has_avx2() => true,
         Isa::Avx2 => return Err(KernelError::Unsupported("this CPU has no AVX2; use Isa::Auto or Isa::Scalar".into())),
         Isa::Scalar => false,
     };
-    let k = w.k;
+    let xq = quantize_activations_isa(x, m, w.k, if use_avx2 { Isa::Avx2 } else { Isa::Scalar })?;
     let mut yt = vec![0f32; m * w.n];
-    yt.par_chunks_mut(ROWS * m).enumerate().for_each(|(t, chunk)| {
+    #[cfg(target_arch = "x86_64")]
+    if use_avx2 && m >= W8A8_PANEL_M {
+        w8a8_panels(w, &xq, m, &mut yt);
+    } else {
+        w8a8_small_m(w, &xq, m, use_avx2, &mut yt);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    w8a8_small_m(w, &xq, m, use_avx2, &mut yt);
+    for (r, col) in yt.chunks_exact(m).enumerate() {
+        for (i, v) in col.iter().enumerate() {
+            y[i * w.n + r] = *v;
+        }
+    }
+    Ok(())
+}
+
+/// From this many activation rows on, W8A8 on AVX2 widens both operands to INT16 panels and
+/// runs `avx2::i16_rows`' 2 × 4 register tile; below it, the `maddubs` kernel on the raw bytes
+/// (`avx2::i8_rows`), which needs no extra pass over the weight.
+const W8A8_PANEL_M: usize = 4;
+/// Weight rows per parallel task of the W8A8 panel kernel: each task streams the whole INT16
+/// activation matrix once per chunk of [`W8A8_KC`], so more rows per task mean less L3 traffic.
+const W8A8_PANEL_ROWS: usize = 64;
+/// Weight rows per L1-resident panel.
+const W8A8_PANEL: usize = 16;
+/// Inner elements per W8A8 weight panel (a multiple of 16): 16 rows × 512 × 2 B = 16 KiB, so the
+/// panel stays in L1 while every activation tile runs over it.
+const W8A8_KC: usize = 512;
+
+/// The W8A8 result of one output: the exact INT32 sum times `x_scale · w_scale`.
+fn w8a8_out(acc: i32, sx: f32, sw: f32) -> f32 {
+    acc as f32 * (sx * sw)
+}
+
+/// W8A8 for small `m`: per task of [`ROWS`] weight rows, the `maddubs` kernel on the raw bytes
+/// (AVX2) or scalar INT32 sums, into `yt[n, m]`.
+fn w8a8_small_m(w: &PackedWeight, xq: &QuantizedActivations, m: usize, use_avx2: bool, yt: &mut [f32]) {
+    let k = w.k;
+    run_tasks(yt, ROWS * m, m.saturating_mul(w.n).saturating_mul(k), |t, chunk| {
         let r0 = t * ROWS;
         let nb = chunk.len() / m;
         let mut acc = vec![0i32; nb * m];
@@ -224,8 +296,8 @@ pub fn matmul_w8a8_isa(x: &[f32], m: usize, w: &PackedWeight, y: &mut [f32], isa
             let mut k0 = 0;
             while k0 < k32 {
                 let kc = KC8.min(k32 - k0);
-                // SAFETY: AVX2 checked; xq.codes.len() == m·k; rows r0..r0+nb < n with stride k
-                // in w.data; k0 + kc <= k; acc.len() == nb·m.
+                // SAFETY: AVX2 checked by the caller; xq.codes.len() == m·k; rows r0..r0+nb < n
+                // with stride k in w.data; k0 + kc <= k; acc.len() == nb·m.
                 unsafe { crate::avx2::i8_rows(&w.data, &xq.codes, k, m, r0, nb, k0, kc, &mut acc) };
                 k0 += kc;
             }
@@ -239,18 +311,57 @@ pub fn matmul_w8a8_isa(x: &[f32], m: usize, w: &PackedWeight, y: &mut [f32], isa
             }
         }
         for j in 0..nb {
-            let sw = w.scales[r0 + j];
             for i in 0..m {
-                chunk[j * m + i] = acc[j * m + i] as f32 * (xq.scales[i] * sw);
+                chunk[j * m + i] = w8a8_out(acc[j * m + i], xq.scales[i], w.scales[r0 + j]);
             }
         }
     });
-    for (r, col) in yt.chunks_exact(m).enumerate() {
-        for (i, v) in col.iter().enumerate() {
-            y[i * w.n + r] = *v;
+}
+
+/// W8A8 for `m >=` [`W8A8_PANEL_M`] on AVX2: the activation codes widened to INT16 once per
+/// call; per task of [`W8A8_PANEL_ROWS`] weight rows and per chunk of [`W8A8_KC`] elements, the
+/// weight rows widened into an L1-resident panel (amortised over all `m` rows), then
+/// `avx2::i16_rows`; the `k % 16` tail in scalar INT32. Same INT32 sums, same FP32 output
+/// expression as the other kernels, so bit-identical results.
+#[cfg(target_arch = "x86_64")]
+fn w8a8_panels(w: &PackedWeight, xq: &QuantizedActivations, m: usize, yt: &mut [f32]) {
+    use crate::avx2::{i16_rows, pack_panel_i16};
+    let k = w.k;
+    let k16 = k / 16 * 16;
+    let x16: Vec<i16> = xq.codes.iter().map(|&c| i16::from(c)).collect();
+    run_tasks(yt, W8A8_PANEL_ROWS * m, m.saturating_mul(w.n).saturating_mul(k), |t, chunk| {
+        let r0 = t * W8A8_PANEL_ROWS;
+        let nb = chunk.len() / m;
+        let mut acc8 = vec![0i32; 8 * nb * m];
+        let mut panel = vec![0i16; nb.min(W8A8_PANEL) * W8A8_KC];
+        let mut k0 = 0;
+        while k0 < k16 {
+            let kc = W8A8_KC.min(k16 - k0);
+            // The activation chunk (m · kc INT16) stays in L2 while the task's rows go through
+            // it one L1-sized panel of W8A8_PANEL rows at a time.
+            for p0 in (0..nb).step_by(W8A8_PANEL) {
+                let pn = (nb - p0).min(W8A8_PANEL);
+                // SAFETY: the caller checked AVX2; kc is a multiple of 16; rows r0 + p0 ..
+                // r0 + p0 + pn < n exist with stride k, k0 + kc <= k; panel.len() >= pn · kc.
+                unsafe { pack_panel_i16(&w.data, k, r0 + p0, pn, k0, kc, &mut panel) };
+                let acc = &mut acc8[8 * p0 * m..8 * (p0 + pn) * m];
+                // SAFETY: the caller checked AVX2; kc is a multiple of 16; the panel holds
+                // pn · kc values laid out as i16_rows reads them (tiles of W8A8_NR rows, the
+                // last shorter); x16.len() == m · k; k0 + kc <= k16 <= k; acc.len() == 8 · pn · m.
+                unsafe { i16_rows(&panel, pn, kc, &x16, k, m, k0, acc) };
+            }
+            k0 += kc;
         }
-    }
-    Ok(())
+        for j in 0..nb {
+            let wr = &w.data[(r0 + j) * k..(r0 + j + 1) * k];
+            for i in 0..m {
+                let xr = &xq.codes[i * k..(i + 1) * k];
+                let lanes: i32 = acc8[8 * (j * m + i)..][..8].iter().sum();
+                let tail: i32 = (k16..k).map(|t| i32::from(wr[t] as i8) * i32::from(xr[t])).sum();
+                chunk[j * m + i] = w8a8_out(lanes + tail, xq.scales[i], w.scales[r0 + j]);
+            }
+        }
+    });
 }
 
 /// Elements per activation block of [`matmul_w4a8`]: one FP32 scale per 32 activations, as
@@ -409,7 +520,7 @@ pub fn matmul_w4a8_isa(x: &[f32], m: usize, w: &PackedWeight, y: &mut [f32], isa
             b if b % 2 == 0 => PairGroups::PerGroup { pairs: b / 2 },
             b => PairGroups::PerBlock { blocks: b },
         };
-        out.par_chunks_mut(ROWS * m).enumerate().for_each(|(t, chunk)| {
+        run_tasks(out, ROWS * m, m.saturating_mul(w.n).saturating_mul(k), |t, chunk| {
             // SAFETY: AVX2 + FMA checked; w is int4 with group % 32 == 0 or per channel, and mode
             // follows from its group; rows were prepared for w; the chunk covers rows
             // r0 .. r0 + chunk.len() / m < n, m values each.
@@ -417,7 +528,7 @@ pub fn matmul_w4a8_isa(x: &[f32], m: usize, w: &PackedWeight, y: &mut [f32], isa
         });
     }
     if !use_avx2 {
-        out.par_chunks_mut(ROWS * m).enumerate().for_each(|(t, chunk)| scalar_w4a8_rows(w, &xq, m, t * ROWS, chunk));
+        run_tasks(out, ROWS * m, m.saturating_mul(w.n).saturating_mul(k), |t, chunk| scalar_w4a8_rows(w, &xq, m, t * ROWS, chunk));
     }
     if m > 1 {
         for (r, col) in yt.chunks_exact(m).enumerate() {
@@ -472,5 +583,31 @@ mod tests {
         assert_eq!(a, b);
         assert_eq!(&a.codes[33..37], &[0, 2, 2, 0]);
         assert_eq!(a.scales[2], 1.0);
+    }
+
+    /// The AVX2 and portable per-row quantizers (W8A8) give the same codes and scales, bit for
+    /// bit: ties, an all-zero row, subnormal rows, rows with a tail (k not a multiple of 32).
+    #[test]
+    fn row_quantization_is_the_same_on_every_isa() {
+        if !has_avx2() {
+            return;
+        }
+        for k in [1usize, 31, 32, 77, 4096 + 5] {
+            let mut x: Vec<f32> = (0..5 * k).map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 0.0173).collect();
+            x[k..2 * k].fill(0.0);
+            x[2 * k..3 * k].fill(1e-40);
+            x[3 * k] = 127.0;
+            if k > 5 {
+                x[3 * k + 1..3 * k + 5].copy_from_slice(&[0.5, 1.5, 2.5, -0.5]);
+            }
+            x[5 * k - 1] = -3000.0;
+            let a = quantize_activations_isa(&x, 5, k, Isa::Scalar).unwrap();
+            let b = quantize_activations_isa(&x, 5, k, Isa::Avx2).unwrap();
+            assert_eq!(a, b, "k = {k}");
+            if k > 5 {
+                assert_eq!(&a.codes[3 * k + 1..3 * k + 5], &[0, 2, 2, 0]);
+            }
+            assert_eq!(a.scales[1], 1.0);
+        }
     }
 }

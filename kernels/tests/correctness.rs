@@ -106,6 +106,30 @@ fn large_m_and_m_257() {
     }
 }
 
+/// The AVX2 W8A8 kernels (the `maddubs` one for small M, the INT16 panel one from M = 4 on)
+/// give the scalar kernel's result bit for bit: the same exact INT32 sums and the same FP32
+/// expression. Shapes: N = 1 and N not a multiple of the 4-row tile, the 16-row panel or the
+/// 64-row task (70: two tasks), K below 16,
+/// with a tail of 8 / 12, K over one panel chunk (512), M = 1 … 257 across the panel threshold.
+#[test]
+fn w8a8_avx2_equals_scalar_bit_for_bit() {
+    if !isa_available(Isa::Avx2) {
+        return;
+    }
+    for &(n, k) in &[(1usize, 40usize), (5, 8), (21, 600), (37, 1100), (16, 512), (70, 520)] {
+        let w = random_weight(WeightFormat::Int8 { asymmetric: false }, n, k, k, 5).unwrap();
+        for m in [1usize, 2, 3, 4, 5, 7, 17, 130, 257] {
+            let x = rand_x(m, k, 3);
+            let (mut a, mut b) = (vec![0f32; m * n], vec![0f32; m * n]);
+            matmul_w8a8_isa(&x, m, &w, &mut a, Isa::Scalar).unwrap();
+            matmul_w8a8_isa(&x, m, &w, &mut b, Isa::Avx2).unwrap();
+            for (i, (p, q)) in a.iter().zip(&b).enumerate() {
+                assert_eq!(p.to_bits(), q.to_bits(), "w8a8 n={n} k={k} m={m}: index {i}: avx2 {q}, scalar {p}");
+            }
+        }
+    }
+}
+
 #[test]
 fn w8a8_matches_libtorch_on_quantized_activations() {
     for &(n, k) in &[(1usize, 40usize), (21, 96), (8, 1000)] {
@@ -226,6 +250,66 @@ fn identity_activations_give_the_dequantized_weight_exactly() {
                         }
                     }
                 }
+            }
+        }
+    }
+}
+
+/// Every finite FP8 E4M3 code (subnormals, both zeros, the largest normals) decodes exactly, in
+/// the GEMV kernel (`m = 1`, one unit vector at a time) and the GEMM kernel (`m = k`, identity).
+#[test]
+fn every_fp8_code_decodes_exactly() {
+    let mut v: Vec<f32> = (0u8..=255)
+        .filter(|b| b & 0x7F != 0x7F)
+        .map(|b| {
+            let (e, m) = (i32::from((b >> 3) & 15), f32::from(b & 7));
+            let a = if e == 0 { m / 8.0 * 2f32.powi(-6) } else { (1.0 + m / 8.0) * 2f32.powi(e - 7) };
+            if b & 0x80 != 0 {
+                -a
+            } else {
+                a
+            }
+        })
+        .collect();
+    v.extend([0.0, 0.0]);
+    let k = v.len();
+    let w = PackedWeight::pack_float(WeightFormat::Fp8E4M3, &v, &[0.37], 1, k).unwrap();
+    let want = w.dequantize();
+    for isa in isas() {
+        for i in 0..k {
+            let mut x = vec![0f32; k];
+            x[i] = 1.0;
+            let mut y = [f32::NAN];
+            matmul_isa(&x, 1, &w, &mut y, isa).unwrap();
+            // By value: a sum of products gives +0 for the code -0.
+            assert!(y[0] == want[i], "{isa:?} m=1 code index {i}: got {}, expected {}", y[0], want[i]);
+        }
+        let mut x = vec![0f32; k * k];
+        for i in 0..k {
+            x[i * k + i] = 1.0;
+        }
+        let mut y = vec![f32::NAN; k];
+        matmul_isa(&x, k, &w, &mut y, isa).unwrap();
+        for i in 0..k {
+            assert!(y[i] == want[i], "{isa:?} m=k code index {i}: got {}, expected {}", y[i], want[i]);
+        }
+    }
+}
+
+/// Shapes above the serial threshold (rayon tasks, software prefetch running past the last row)
+/// and just below it give the same results against libtorch, for every format.
+#[test]
+fn threaded_and_serial_sizes_match_libtorch() {
+    for &(n, k, m) in &[(260usize, 2080usize, 1usize), (67, 2080, 3), (3, 2080, 1), (1, 32, 1)] {
+        for &f in &FORMATS {
+            let w = random_weight(f, n, k, 32, 21).unwrap();
+            let wd = dequantized_tensor(&w).unwrap();
+            let x = rand_x(m, k, 5);
+            let (want, bound) = reference(&x, m, &wd);
+            for isa in isas() {
+                let mut y = vec![f32::NAN; m * n];
+                matmul_isa(&x, m, &w, &mut y, isa).unwrap();
+                assert_close(&format!("{f} {isa:?} n={n} k={k} m={m}"), &y, &want, &bound, FP32_ORDER_RTOL);
             }
         }
     }
