@@ -133,7 +133,7 @@ impl SplitMix64 {
 /// of an HVP bench's profile (`perf record` of `benches/hvp.rs`, tiny_cnn, 16 probes per pass).
 /// This sets the trim threshold to 256 MiB and fixes the mmap threshold at 32 MiB (glibc's own
 /// dynamic maximum, so tensors larger than that still come from and go back to `mmap`).
-/// Measured on that bench, interleaved, under load: 8–15 % less time per product (see
+/// Measured on that bench, four interleaved pairs under load: 8–22 % less time per product (see
 /// `experiments/pyhessian/README.md`). The binary and the HVP bench call it first; a library
 /// user may too. No effect on other C libraries.
 pub fn tune_allocator() {

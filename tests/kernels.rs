@@ -269,7 +269,8 @@ fn latency_table_drives_a_latency_budget() {
         (a + v.iter().cloned().fold(f64::INFINITY, f64::min), b + v.iter().cloned().fold(0.0, f64::max))
     });
     let budget = (500.0 * (fastest + slowest)).floor() / 1000.0;
-    let o = common::mixq(&["sensitivity", "--max-probes", "4", "--min-probes", "2", "-o", &p("sens.json")], &home);
+    let o =
+        common::mixq(&["sensitivity", "--estimator", "hutchinson", "--max-probes", "4", "--min-probes", "2", "-o", &p("sens.json")], &home);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let (sens, lat_csv) = (p("sens.json"), p("lat.csv"));
     let allocate = |budget: &str, out: &str| {

@@ -11,7 +11,7 @@ use mixq::model::torchscript::TorchScriptModel;
 use mixq::model::zoo::DigitsResNet;
 use mixq::model::{LayerInfo, LayerKind, QuantModel};
 use mixq::quant::{Format, Granularity, QuantSpec};
-use mixq::sensitivity::proxies::{measured_delta_loss, measured_delta_loss_jobs};
+use mixq::sensitivity::proxies::{measured_delta_loss, measured_delta_loss_auto, measured_delta_loss_jobs};
 use mixq::sensitivity::{estimate_with, Curvature, Estimator, HvpEngine, RunOptions, SensitivitySettings};
 use std::path::Path;
 use tch::Tensor;
@@ -40,6 +40,8 @@ fn check_parallel_equals_serial(model: &dyn QuantModel, data: &Dataset, jobs: us
     let serial = measured_delta_loss(&engine, &specs)?;
     let parallel = measured_delta_loss_jobs(&engine, data, BATCH, &specs, jobs)?;
     assert_eq!(tch::get_num_threads(), threads, "libtorch's thread count is restored");
+    // Whichever way the automatic choice goes (it depends on the machine's speed), same numbers.
+    assert_eq!(measured_delta_loss_auto(&engine, data, BATCH, &specs, jobs)?, serial);
     assert_eq!(serial.len(), model.layers().len());
     for ((layer, s), p) in model.layers().iter().zip(&serial).zip(&parallel) {
         for ((spec, a), b) in specs.iter().zip(s).zip(p) {

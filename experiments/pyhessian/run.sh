@@ -27,7 +27,7 @@ if [ -z "${MIXQ:-}" ]; then
 fi
 
 echo "== mixq sensitivity: $PROBES Hutchinson probes, seed $SEED"
-"$MIXQ" sensitivity --model tests/fixtures/tiny_cnn.pt --data digits:calib --estimator hutchinson \
+"$MIXQ" sensitivity --model tests/fixtures/tiny_cnn.pt --data digits:calib --estimator hutchinson --curvature hessian \
   --min-probes "$PROBES" --max-probes "$PROBES" --seed "$SEED" -o "$OUT/mixq_report.json" 2>&1 | tee "$OUT/mixq_stderr.txt"
 
 echo "== PyHessian and the exact Hessian"

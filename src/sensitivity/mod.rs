@@ -235,6 +235,10 @@ pub struct RunOptions {
     /// Workers of the measured estimator, each with its own model replica (1: serial, with
     /// libtorch's own threads; at least 1). Not part of the cache key: the report is the same.
     pub jobs: usize,
+    /// Use the `jobs` workers only when the passes would take at least
+    /// [`proxies::MIN_PARALLEL_SECONDS`] serially ([`proxies::measured_delta_loss_auto`]); false:
+    /// always (an explicit `--jobs`).
+    pub jobs_auto: bool,
 }
 
 impl Default for RunOptions {
@@ -245,6 +249,7 @@ impl Default for RunOptions {
             resume: false,
             checkpoint_every: Duration::from_secs(10),
             jobs: proxies::default_jobs(),
+            jobs_auto: true,
         }
     }
 }
@@ -467,9 +472,12 @@ pub fn estimate_with(
                 }
             }
             Estimator::Measured => {
-                for (l, row) in
-                    layers.iter_mut().zip(proxies::measured_delta_loss_jobs(&engine, data, settings.batch_size, &specs, opts.jobs)?)
-                {
+                let rows = if opts.jobs_auto {
+                    proxies::measured_delta_loss_auto(&engine, data, settings.batch_size, &specs, opts.jobs)?
+                } else {
+                    proxies::measured_delta_loss_jobs(&engine, data, settings.batch_size, &specs, opts.jobs)?
+                };
+                for (l, row) in layers.iter_mut().zip(rows) {
                     l.measured_delta_loss = specs.iter().zip(row).map(|(s, v)| (fmt_key(s), v)).collect();
                 }
             }

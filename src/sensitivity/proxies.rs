@@ -186,6 +186,39 @@ fn worker(model: &dyn QuantModel, batches: &[OwnedBatch], sh: &Shared<'_>) {
     }
 }
 
+/// Serial time of all passes below which [`measured_delta_loss_auto`] does not start workers:
+/// making the replicas and a thread pool costs 30–100 ms, and on a quiet machine two workers
+/// were 1.06× faster than serial on a 0.43 s workload, slower on 0.02–0.09 s ones
+/// (experiments/measured-parallel).
+pub const MIN_PARALLEL_SECONDS: f64 = 0.5;
+
+/// [`measured_delta_loss_jobs`] where it pays: times one pass (the unquantized loss) and runs
+/// serially when all passes would take less than [`MIN_PARALLEL_SECONDS`] that way, on `jobs`
+/// workers otherwise. Same result either way.
+pub fn measured_delta_loss_auto(
+    engine: &HvpEngine<'_>,
+    data: &Dataset,
+    batch_size: usize,
+    specs: &[QuantSpec],
+    jobs: usize,
+) -> Result<Vec<Vec<f64>>> {
+    check_jobs(jobs)?;
+    let pairs = engine.layers().len() * specs.len();
+    if jobs > 1 && pairs > 1 {
+        let t = Instant::now();
+        engine.loss_value()?;
+        let pass = t.elapsed().as_secs_f64();
+        if pass * (pairs as f64) < MIN_PARALLEL_SECONDS {
+            tracing::info!(
+                "measured ΔL: {pairs} passes of {:.1} ms each: serial (workers pay off from {MIN_PARALLEL_SECONDS} s of passes)",
+                pass * 1e3
+            );
+            return measured_delta_loss(engine, specs);
+        }
+    }
+    measured_delta_loss_jobs(engine, data, batch_size, specs, jobs)
+}
+
 /// [`measured_delta_loss`] on `jobs` workers: the (layer, format) pairs are handed out one at a
 /// time to a rayon pool of `jobs` threads, each with its own replica of the engine's model and
 /// its own copies of the calibration batches (`data` in batches of `batch_size`, as the engine
