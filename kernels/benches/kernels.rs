@@ -1,5 +1,7 @@
 //! Kernel benchmarks: packed low-bit GEMV / GEMM against libtorch on the same shapes, with a
-//! memory-copy roofline measured in the same run, then a summary table on stdout.
+//! memory-copy roofline measured in the same run, then a summary table on stdout whose kernels
+//! (and read-only roofline pass) are timed in interleaved rounds, ratios as medians of per-round
+//! ratios (`MIXQ_BENCH_ROUNDS`, default 15; see `summary`).
 //!
 //! Shapes `N × K` (weight rows × inner) from real models: 768×768, 768×3072 (BERT/MiniLM),
 //! 4096×4096, 4096×11008 (LLaMA-7B); `M` activation rows 1, 8, 32, 128. `MIXQ_BENCH_SET` picks
@@ -194,37 +196,53 @@ fn read_sum(v: &[u8]) -> u64 {
     v.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).fold(0, u64::wrapping_add)
 }
 
-/// Median time of `f` over at least 5 runs and about `budget` of wall time, after 2 warm-ups.
-fn median(f: &mut dyn FnMut(), budget: Duration) -> f64 {
-    f();
-    f();
-    let start = Instant::now();
-    let mut t = Vec::new();
-    while t.len() < 5 || (start.elapsed() < budget && t.len() < 200) {
-        let s = Instant::now();
-        f();
-        t.push(s.elapsed().as_secs_f64());
-    }
-    t.sort_by(f64::total_cmp);
-    t[t.len() / 2]
+/// Rounds of the summary (`MIXQ_BENCH_ROUNDS`, default 15).
+fn rounds() -> usize {
+    std::env::var("MIXQ_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).filter(|&r| r > 0).unwrap_or(15)
 }
 
+/// Mean time per call of `reps` back-to-back calls of `f`.
+fn time_reps(f: &mut dyn FnMut(), reps: usize) -> f64 {
+    let s = Instant::now();
+    for _ in 0..reps {
+        f();
+    }
+    s.elapsed().as_secs_f64() / reps as f64
+}
+
+fn median_of(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        0.5 * (v[n / 2 - 1] + v[n / 2])
+    }
+}
+
+/// The summary table. This VM's memory bandwidth and CPU share drift by up to 2× within a
+/// minute (other tenants), so kernels timed one after the other are compared under different
+/// conditions. Here, per shape, every kernel and the read-only roofline pass are timed once per
+/// round, in turn (the starting kernel rotates), for [`rounds`] rounds; a kernel's time is the
+/// median over rounds, and its ratios (vs libtorch FP32, vs int4pack, % of the read roofline)
+/// are medians of the per-round ratios, so slow phases of the machine hit both sides alike.
+/// Each timing is the mean of enough back-to-back calls to fill about 20 ms (weights rotate
+/// through their copies, so every call still reads DRAM).
 fn summary() {
-    let budget = Duration::from_millis(400);
+    let rounds = rounds();
     let src = vec![1u8; COPY_BYTES];
     let mut dst = vec![0u8; COPY_BYTES];
-    let copy = COPY_BYTES as f64 / median(&mut || copy(&src, &mut dst), budget) / 1e9;
-    let read = COPY_BYTES as f64
-        / median(
-            &mut || {
-                black_box(read_sum(black_box(&src)));
-            },
-            budget,
-        )
-        / 1e9;
-    drop((src, dst));
+    let mut read_pass = || {
+        black_box(read_sum(black_box(&src)));
+    };
+    read_pass();
+    let copy_gbs = COPY_BYTES as f64 / median_of((0..5).map(|_| time_reps(&mut || copy(&src, &mut dst), 1)).collect()) / 1e9;
+    drop(dst);
     println!(
-        "\nmixq-kernels summary ({} threads; roofline: memcpy {copy:.1} GB/s copied, read-only pass {read:.1} GB/s)",
+        "\nmixq-kernels summary ({} threads; {rounds} interleaved rounds per shape; memcpy {copy_gbs:.1} GB/s copied; \
+         % read = share of a read-only pass over 256 MiB timed in the same rounds)",
         rayon::current_num_threads()
     );
     println!(
@@ -232,16 +250,41 @@ fn summary() {
         "kernel", "N x K", "M", "time", "GB/s", "% read", "GFLOP/s", "vs fp32", "vs i4pack"
     );
     for ((n, k), m) in cases() {
-        let mut measured = Vec::new();
-        for kernel in KERNELS.into_iter().filter(|kn| kn.runs_at(m)) {
-            let mut p = prepare(kernel, n, k, m);
-            measured.push((kernel, median(&mut p.run, budget), p.bytes));
+        let mut prepared: Vec<(Kernel, Prepared, usize)> = KERNELS
+            .into_iter()
+            .filter(|kn| kn.runs_at(m))
+            .map(|kernel| {
+                let mut p = prepare(kernel, n, k, m);
+                (p.run)();
+                let once = time_reps(&mut p.run, 1);
+                let reps = ((0.02 / once.max(1e-7)).ceil() as usize).clamp(1, 10_000);
+                (kernel, p, reps)
+            })
+            .collect();
+        let kinds = prepared.len();
+        // times[r][i]: kernel i in round r; read[r]: bytes per second of the read pass.
+        let mut times = vec![vec![f64::NAN; kinds]; rounds];
+        let mut read = vec![f64::NAN; rounds];
+        for r in 0..rounds {
+            for step in 0..=kinds {
+                let i = (r + step) % (kinds + 1);
+                if i == kinds {
+                    read[r] = COPY_BYTES as f64 / time_reps(&mut read_pass, 1);
+                } else {
+                    let (_, p, reps) = &mut prepared[i];
+                    times[r][i] = time_reps(&mut p.run, *reps);
+                }
+            }
         }
-        let time_of = |kn: Kernel| measured.iter().find(|(k2, _, _)| *k2 == kn).map_or(f64::NAN, |(_, t, _)| *t);
-        let (fp32_t, i4_t) = (time_of(Kernel::TorchFp32), time_of(Kernel::TorchInt4));
-        for (kernel, t, bytes) in measured {
-            let gbs = bytes as f64 / t / 1e9;
-            let vs_i4 = if i4_t.is_nan() { "-".to_string() } else { format!("{:.1}x", i4_t / t) };
+        let index = |kn: Kernel| prepared.iter().position(|(k2, _, _)| *k2 == kn);
+        let (fp32_i, i4_i) = (index(Kernel::TorchFp32), index(Kernel::TorchInt4));
+        for (i, (kernel, p, _)) in prepared.iter().enumerate() {
+            let per_round = |f: &dyn Fn(usize) -> f64| median_of((0..rounds).map(f).collect());
+            let t = per_round(&|r| times[r][i]);
+            let gbs = p.bytes as f64 / t / 1e9;
+            let pct_read = per_round(&|r| 100.0 * p.bytes as f64 / times[r][i] / read[r]);
+            let vs_fp32 = fp32_i.map_or(f64::NAN, |f| per_round(&|r| times[r][f] / times[r][i]));
+            let vs_i4 = i4_i.map_or("-".to_string(), |f| format!("{:.1}x", per_round(&|r| times[r][f] / times[r][i])));
             println!(
                 "{:<16} {:>11} {:>4} {:>8.3}ms {:>8.1} {:>8.0}% {:>8.1} {:>9.2}x {:>10}",
                 kernel.name(),
@@ -249,12 +292,21 @@ fn summary() {
                 m,
                 t * 1e3,
                 gbs,
-                100.0 * gbs / read,
+                pct_read,
                 2.0 * (m * n * k) as f64 / t / 1e9,
-                fp32_t / t,
+                vs_fp32,
                 vs_i4
             );
         }
+        println!(
+            "{:<16} {:>11} {:>4} read-only roofline in these rounds: median {:.1} GB/s (min {:.1}, max {:.1})",
+            "",
+            format!("{n}x{k}"),
+            m,
+            median_of(read.clone()) / 1e9,
+            read.iter().cloned().fold(f64::INFINITY, f64::min) / 1e9,
+            read.iter().cloned().fold(0.0, f64::max) / 1e9
+        );
     }
 }
 
