@@ -165,21 +165,7 @@ impl Faulty {
 }
 
 impl QuantModel for Faulty {
-    fn name(&self) -> &str {
-        "faulty"
-    }
-    fn layers(&self) -> &[LayerInfo] {
-        &self.layers
-    }
-    fn input_shape(&self) -> &[i64] {
-        &[1, 8, 8]
-    }
-    fn num_classes(&self) -> i64 {
-        10
-    }
-    fn named_parameters(&self) -> Vec<(String, Tensor)> {
-        self.params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect()
-    }
+    test_model_basics!("faulty", [1, 8, 8], 10);
     fn forward(&self, x: &Tensor) -> mixq::Result<Tensor> {
         if !self.params[1].1.detach().equal(&self.b_fp32) {
             return Err(mixq::Error::Unsupported("cannot run with a quantized `b`".into()));

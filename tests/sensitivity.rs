@@ -64,21 +64,7 @@ impl Mlp {
 }
 
 impl QuantModel for Mlp {
-    fn name(&self) -> &str {
-        "test-mlp"
-    }
-    fn layers(&self) -> &[LayerInfo] {
-        &self.layers
-    }
-    fn input_shape(&self) -> &[i64] {
-        &[1, 8, 8]
-    }
-    fn num_classes(&self) -> i64 {
-        10
-    }
-    fn named_parameters(&self) -> Vec<(String, Tensor)> {
-        self.params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect()
-    }
+    test_model_basics!("test-mlp", [1, 8, 8], 10);
     fn forward(&self, x: &Tensor) -> mixq::Result<Tensor> {
         let p = |i: usize| &self.params[i].1;
         let h = x.flatten(1, -1).linear(p(0), Some(p(1))).tanh();

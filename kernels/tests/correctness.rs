@@ -116,7 +116,7 @@ fn w8a8_avx2_equals_scalar_bit_for_bit() {
     if !isa_available(Isa::Avx2) {
         return;
     }
-    for &(n, k) in &[(1usize, 40usize), (5, 8), (21, 600), (37, 1100), (16, 512), (70, 520)] {
+    for &(n, k) in &[(1usize, 40usize), (5, 8), (21, 600), (37, 1100), (16, 512), (70, 520), (9, 4200)] {
         let w = random_weight(WeightFormat::Int8 { asymmetric: false }, n, k, k, 5).unwrap();
         for m in [1usize, 2, 3, 4, 5, 7, 17, 130, 257] {
             let x = rand_x(m, k, 3);

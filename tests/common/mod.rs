@@ -7,6 +7,29 @@ use std::path::Path;
 use std::process::{Command, Output};
 use tch::Tensor;
 
+/// The `QuantModel` methods that every test model spells the same way: its name, `layers` and
+/// `params: Vec<(String, Tensor)>` fields, an input shape and a class count.
+#[macro_export]
+macro_rules! test_model_basics {
+    ($name:expr, $input:expr, $classes:expr) => {
+        fn name(&self) -> &str {
+            $name
+        }
+        fn layers(&self) -> &[mixq::model::LayerInfo] {
+            &self.layers
+        }
+        fn input_shape(&self) -> &[i64] {
+            &$input
+        }
+        fn num_classes(&self) -> i64 {
+            $classes
+        }
+        fn named_parameters(&self) -> Vec<(String, tch::Tensor)> {
+            self.params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect()
+        }
+    };
+}
+
 /// The `mixq` binary, run from the repository root with `MIXQ_HOME=home` and without
 /// `LD_LIBRARY_PATH` (the binary must find libtorch through its own rpath).
 pub fn mixq_command(home: &Path, args: &[&str]) -> Command {
@@ -51,21 +74,7 @@ impl Toy {
 }
 
 impl QuantModel for Toy {
-    fn name(&self) -> &str {
-        "toy"
-    }
-    fn layers(&self) -> &[LayerInfo] {
-        &self.layers
-    }
-    fn input_shape(&self) -> &[i64] {
-        &[1, 8, 8]
-    }
-    fn num_classes(&self) -> i64 {
-        10
-    }
-    fn named_parameters(&self) -> Vec<(String, Tensor)> {
-        self.params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect()
-    }
+    test_model_basics!("toy", [1, 8, 8], 10);
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(x.flatten(1, -1).narrow(1, 0, 10))
     }
