@@ -12,7 +12,7 @@
 #
 # Usage: experiments/ggml-side-by-side/run.sh [ROUNDS]   (default 41; K=14336, N=4096, M=1)
 # Env: GGML_BIN=path/to/test-backend-ops, or GGML_SRC=path/to/ggml source tree (built with cmake
-# -DGGML_NATIVE=ON into $MIXQ_SCRATCH). Output: results/<date>.txt.
+# -DGGML_NATIVE=ON into $MIXQ_SCRATCH). Output: results/<date>-<HHMM>.txt (UTC).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -36,7 +36,7 @@ if [ -z "${GGML_BIN:-}" ]; then
 fi
 (cd "$root" && scripts/with-env cargo build --release -q -p mixq-kernels --example w4_gemv)
 ab="$root/target/release/examples/w4_gemv"
-out="$here/results/$(date -u +%Y-%m-%d).txt"
+out="$here/results/$(date -u +%Y-%m-%d-%H%M).txt"
 {
   echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, load before: $(cut -d' ' -f1-3 /proc/loadavg)"
   echo "## ggml test-backend-ops perf, x[1×14336] · W[4096×14336] (m=4096 n=1 k=14336)"

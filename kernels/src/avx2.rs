@@ -593,6 +593,19 @@ pub(crate) struct W4a8Row<'a> {
 /// or 4096, 1.0 ms with 8192; on an idle machine it is unmeasured.
 const PF_W4A8: usize = 4096;
 
+/// Prefetch offset, from the start of a row, for pair `p` of a loop over `r` rows at a time: `PF_W4A8`
+/// bytes ahead, and past the row's end into the row this stream reads next (`r` rows on), not the
+/// next row of the weight (which another stream of the same loop already reads).
+#[inline(always)]
+fn pf_off(p: usize, rb: usize, r: usize) -> usize {
+    let o = 32 * p + PF_W4A8;
+    if o >= rb {
+        o + (r - 1) * rb
+    } else {
+        o
+    }
+}
+
 /// How the weight's scale groups fall on pairs of 32-element blocks.
 #[derive(Clone, Copy)]
 pub(crate) enum PairGroups {
@@ -700,7 +713,7 @@ unsafe fn w4a8_dot<const R: usize>(w: &PackedWeight, r: usize, x: &W4a8Row, mode
                         if p % 2 == 0 {
                             // May point past the weight: a prefetch never faults, and wrapping_add
                             // keeps the pointer arithmetic defined.
-                            _mm_prefetch::<_MM_HINT_T0>(wp[j].wrapping_add(32 * p + PF_W4A8) as *const i8);
+                            _mm_prefetch::<_MM_HINT_T0>(wp[j].wrapping_add(pf_off(p, rb, R)) as *const i8);
                         }
                         let d = pair_dot(load_pair(wp[j], p, half), xa, xb);
                         ag[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, ag[j]);
@@ -735,7 +748,7 @@ unsafe fn w4a8_dot<const R: usize>(w: &PackedWeight, r: usize, x: &W4a8Row, mode
                 let s = _mm256_loadu_ps(xs.add(8 * p));
                 for j in 0..R {
                     if p % 2 == 0 {
-                        _mm_prefetch::<_MM_HINT_T0>(wp[j].wrapping_add(32 * p + PF_W4A8) as *const i8);
+                        _mm_prefetch::<_MM_HINT_T0>(wp[j].wrapping_add(pf_off(p, rb, R)) as *const i8);
                     }
                     let ws = _mm256_blend_ps::<0xF0>(_mm256_broadcast_ss(&*sp[j].add(g0)), _mm256_broadcast_ss(&*sp[j].add(g1)));
                     let d = pair_dot(load_pair(wp[j], p, half), xa, xb);

@@ -509,8 +509,10 @@ fn prepare_w4a8(codes: &[i8], scales: &[f32], w: &PackedWeight) -> W4a8Prepared 
     let mut xs8 = vec![0f32; 8 * pairs];
     for (b, (qb, &s)) in codes.chunks(ACT_BLOCK).zip(scales).enumerate() {
         let (p, h) = (b / 2, b % 2);
-        for (t, &c) in qb.iter().enumerate() {
-            xq[64 * p + 32 * (t / 16) + 16 * h + t % 16] = c;
+        // Elements 0..16 of the block, then 16..32 (a short last block fills what it has).
+        for (half, c) in qb.chunks(16).enumerate() {
+            let o = 64 * p + 32 * half + 16 * h;
+            xq[o..o + c.len()].copy_from_slice(c);
         }
         xs8[8 * p + 4 * h..8 * p + 4 * h + 4].fill(s);
     }

@@ -321,9 +321,21 @@ const INT4: [WeightFormat; 2] = [WeightFormat::Int4 { asymmetric: false }, Weigh
 fn w4a8_matches_libtorch_on_quantized_activations() {
     // (n, k, group): N = 1; per channel with an odd number of 32-blocks and a K tail (37, 100,
     // 96); groups of 32 and 160 (an odd number of blocks per group: pairs straddle groups); groups
-    // of 64 and 128 (whole pairs per group); a long row.
-    let shapes =
-        [(1, 64, 32), (1, 37, 37), (13, 96, 32), (9, 100, 100), (5, 96, 96), (7, 320, 160), (40, 256, 64), (17, 640, 128), (3, 4096, 64)];
+    // of 64 and 128 (whole pairs per group); a long row; a K tail of 18 (past half a block); rows
+    // longer than the prefetch distance, an odd count (prefetches run past each row's end).
+    let shapes = [
+        (1, 64, 32),
+        (1, 37, 37),
+        (13, 96, 32),
+        (9, 100, 100),
+        (5, 96, 96),
+        (7, 320, 160),
+        (40, 256, 64),
+        (17, 640, 128),
+        (3, 4096, 64),
+        (6, 50, 50),
+        (11, 14336, 64),
+    ];
     for (si, &(n, k, group)) in shapes.iter().enumerate() {
         for (fi, &f) in INT4.iter().enumerate() {
             let w = random_weight(f, n, k, group, (si * 10 + fi) as u64).unwrap();
