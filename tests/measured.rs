@@ -38,10 +38,10 @@ fn check_parallel_equals_serial(model: &dyn QuantModel, data: &Dataset, jobs: us
     let specs = specs();
     let threads = tch::get_num_threads();
     let serial = measured_delta_loss(&engine, &specs)?;
-    let parallel = measured_delta_loss_jobs(&engine, data, BATCH, &specs, jobs)?;
+    let parallel = measured_delta_loss_jobs(&engine, &specs, jobs)?;
     assert_eq!(tch::get_num_threads(), threads, "libtorch's thread count is restored");
     // Whichever way the automatic choice goes (it depends on the machine's speed), same numbers.
-    assert_eq!(measured_delta_loss_auto(&engine, data, BATCH, &specs, jobs)?, serial);
+    assert_eq!(measured_delta_loss_auto(&engine, &specs, jobs)?, serial);
     assert_eq!(serial.len(), model.layers().len());
     for ((layer, s), p) in model.layers().iter().zip(&serial).zip(&parallel) {
         for ((spec, a), b) in specs.iter().zip(s).zip(p) {
@@ -188,7 +188,7 @@ fn a_failing_pass_names_layer_and_format() -> Result<()> {
     let engine = HvpEngine::new(&model, &data, BATCH, Curvature::Hessian)?;
     let threads = tch::get_num_threads();
     for jobs in [1, 2] {
-        let err = measured_delta_loss_jobs(&engine, &data, BATCH, &specs(), jobs).unwrap_err().to_string();
+        let err = measured_delta_loss_jobs(&engine, &specs(), jobs).unwrap_err().to_string();
         assert!(err.contains("layer `b` at int2") && err.contains("quantized `b`"), "jobs {jobs}: {err}");
         assert_eq!(tch::get_num_threads(), threads, "libtorch's thread count is restored after an error");
     }
@@ -205,7 +205,7 @@ fn zero_jobs_is_rejected() -> Result<()> {
     let err = estimate_with(&model, &data, &settings, &RunOptions { jobs: 0, ..Default::default() }, &mut |_| {}).unwrap_err();
     assert!(err.to_string().contains("--jobs"), "{err}");
     let engine = HvpEngine::new(&model, &data, BATCH, Curvature::Hessian)?;
-    let err = measured_delta_loss_jobs(&engine, &data, BATCH, &specs(), 0).unwrap_err();
+    let err = measured_delta_loss_jobs(&engine, &specs(), 0).unwrap_err();
     assert!(err.to_string().contains("--jobs"), "{err}");
     // The CLI checks before loading anything.
     let home = std::env::temp_dir().join(format!("mixq-measured-{}", std::process::id()));
@@ -248,7 +248,7 @@ fn unreplicable_models_run_serially() -> Result<()> {
     let engine = HvpEngine::new(&model, &data, BATCH, Curvature::Hessian)?;
     let specs = &specs()[..2];
     let a = measured_delta_loss(&engine, specs)?;
-    let b = measured_delta_loss_jobs(&engine, &data, BATCH, specs, 2)?;
+    let b = measured_delta_loss_jobs(&engine, specs, 2)?;
     assert_eq!(a, b);
     Ok(())
 }

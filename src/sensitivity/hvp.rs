@@ -66,7 +66,8 @@ enum BatchTarget {
     Teacher(Tensor),
 }
 
-struct Batch {
+/// One calibration batch with what its loss is measured against.
+pub(crate) struct Batch {
     x: Tensor,
     target: BatchTarget,
     /// Share of the samples: n_b / N.
@@ -80,6 +81,27 @@ impl Batch {
             BatchTarget::Teacher(t) => Target::Teacher(t),
         }
     }
+
+    /// A copy sharing no storage with this batch (a tch `Tensor` is `Send` but not `Sync`, so a
+    /// worker thread needs its own).
+    pub(crate) fn deep_copy(&self) -> Batch {
+        let target = match &self.target {
+            BatchTarget::Labels(y) => BatchTarget::Labels(y.copy()),
+            BatchTarget::Teacher(t) => BatchTarget::Teacher(t.copy()),
+        };
+        Batch { x: self.x.copy(), target, weight: self.weight }
+    }
+}
+
+/// Mean loss of `model` over `batches`, without gradients: [`HvpEngine::loss_value`] on the
+/// engine's model, and the measured-ΔL workers on their replicas.
+pub(crate) fn mean_loss(model: &dyn QuantModel, batches: &[Batch]) -> Result<f64> {
+    let mut total = 0.0;
+    for b in batches {
+        let l = tch::no_grad(|| -> Result<Tensor> { Ok(loss(&model.forward(&b.x)?, b.target())) })?;
+        total += b.weight * l.f_double_value(&[])?;
+    }
+    Ok(total)
 }
 
 /// Computes curvature–vector products of a model's mean calibration loss with respect to the
@@ -203,12 +225,12 @@ impl<'a> HvpEngine<'a> {
 
     /// Mean calibration loss of the model as it is now.
     pub fn loss_value(&self) -> Result<f64> {
-        let mut total = 0.0;
-        for b in &self.batches {
-            let (_, l) = tch::no_grad(|| self.batch_loss(b))?;
-            total += b.weight * l.double_value(&[]);
-        }
-        Ok(total)
+        mean_loss(self.model, &self.batches)
+    }
+
+    /// The calibration batches, as every product and loss uses them.
+    pub(crate) fn batches(&self) -> &[Batch] {
+        &self.batches
     }
 
     /// Gradient of the mean calibration loss, per layer.

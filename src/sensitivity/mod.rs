@@ -473,9 +473,9 @@ pub fn estimate_with(
             }
             Estimator::Measured => {
                 let rows = if opts.jobs_auto {
-                    proxies::measured_delta_loss_auto(&engine, data, settings.batch_size, &specs, opts.jobs)?
+                    proxies::measured_delta_loss_auto(&engine, &specs, opts.jobs)?
                 } else {
-                    proxies::measured_delta_loss_jobs(&engine, data, settings.batch_size, &specs, opts.jobs)?
+                    proxies::measured_delta_loss_jobs(&engine, &specs, opts.jobs)?
                 };
                 for (l, row) in layers.iter_mut().zip(rows) {
                     l.measured_delta_loss = specs.iter().zip(row).map(|(s, v)| (fmt_key(s), v)).collect();

@@ -16,17 +16,15 @@
 //! others) and its own copies of the calibration batches (a tch `Tensor` is `Send` but not
 //! `Sync`, so threads never share one), and runs libtorch with one intra-op thread.
 
-use super::hvp::HvpEngine;
+use super::hvp::{mean_loss, Batch, HvpEngine};
 use crate::config::ResolvedLayer;
 use crate::error::{Error, Result};
-use crate::model::data::Dataset;
-use crate::model::loss::loss;
-use crate::model::{LayerInfo, QuantModel, Target};
+use crate::model::{LayerInfo, QuantModel};
 use crate::quant::{fake_quantize, QuantSpec};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
-use tch::{Kind, Tensor};
+use tch::Kind;
 
 /// Per layer and format: (|g·ΔW|, ‖ΔW‖²), formats in the order given.
 pub fn first_order(engine: &HvpEngine<'_>, specs: &[QuantSpec]) -> Result<Vec<Vec<(f64, f64)>>> {
@@ -51,18 +49,17 @@ pub fn first_order(engine: &HvpEngine<'_>, specs: &[QuantSpec]) -> Result<Vec<Ve
 /// loss of the unquantized model. Serial, on the engine's model (see
 /// [`measured_delta_loss_jobs`] for the parallel form).
 pub fn measured_delta_loss(engine: &HvpEngine<'_>, specs: &[QuantSpec]) -> Result<Vec<Vec<f64>>> {
-    let base = engine.loss_value()?;
+    serial(engine, specs, engine.loss_value()?)
+}
+
+/// [`measured_delta_loss`] with the unquantized loss `base` already known.
+fn serial(engine: &HvpEngine<'_>, specs: &[QuantSpec], base: f64) -> Result<Vec<Vec<f64>>> {
     let mut out = Vec::with_capacity(engine.layers().len());
     for layer in engine.layers() {
         let mut row = Vec::with_capacity(specs.len());
         for spec in specs {
             spec.check_fits(&layer.name, &layer.shape)?;
-            let plan = [ResolvedLayer { layer: layer.clone(), weight: *spec, activation: None, source: "sensitivity".into() }];
-            let l = crate::eval::apply(engine.model(), &plan).and_then(|applied| {
-                let l = engine.loss_value();
-                applied.restore();
-                l
-            });
+            let l = quantized_loss(engine.model(), engine.batches(), layer, spec);
             row.push(l.map_err(|e| pass_error(engine.model(), layer, spec, e))? - base);
         }
         out.push(row);
@@ -90,15 +87,6 @@ pub fn check_jobs(jobs: usize) -> Result<()> {
     Ok(())
 }
 
-/// One calibration batch, owned by one worker.
-struct OwnedBatch {
-    x: Tensor,
-    target: Tensor,
-    labels: bool,
-    /// Share of the samples: n_b / N.
-    weight: f64,
-}
-
 /// Sets libtorch's intra-op thread count and puts the previous one back when dropped (also on
 /// errors and unwinding).
 struct TorchThreads(i32);
@@ -117,26 +105,11 @@ impl Drop for TorchThreads {
     }
 }
 
-/// Mean calibration loss of `model` over `batches`: the same operations, in the same order, as
-/// [`HvpEngine::loss_value`].
-fn calibration_loss(model: &dyn QuantModel, batches: &[OwnedBatch]) -> Result<f64> {
-    let mut total = 0.0;
-    for b in batches {
-        let l = tch::no_grad(|| -> Result<Tensor> {
-            let logits = model.forward(&b.x)?;
-            let target = if b.labels { Target::Labels(&b.target) } else { Target::Teacher(&b.target) };
-            Ok(loss(&logits, target))
-        })?;
-        total += b.weight * l.f_double_value(&[])?;
-    }
-    Ok(total)
-}
-
 /// Loss of `model` with only `layer` quantized to `spec` (the weight is restored afterwards).
-fn quantized_loss(model: &dyn QuantModel, batches: &[OwnedBatch], layer: &LayerInfo, spec: &QuantSpec) -> Result<f64> {
+fn quantized_loss(model: &dyn QuantModel, batches: &[Batch], layer: &LayerInfo, spec: &QuantSpec) -> Result<f64> {
     let plan = [ResolvedLayer { layer: layer.clone(), weight: *spec, activation: None, source: "sensitivity".into() }];
     let applied = crate::eval::apply(model, &plan)?;
-    let l = calibration_loss(model, batches);
+    let l = mean_loss(model, batches);
     applied.restore();
     l
 }
@@ -155,7 +128,7 @@ struct Shared<'a> {
 }
 
 /// One worker: takes the next (layer, format) pair until none is left or another worker failed.
-fn worker(model: &dyn QuantModel, batches: &[OwnedBatch], sh: &Shared<'_>) {
+fn worker(model: &dyn QuantModel, batches: &[Batch], sh: &Shared<'_>) {
     // libtorch's CPU ops size their OpenMP team by the calling thread's setting (and MKL's by a
     // thread-local one), so each worker thread limits its own; the caller's TorchThreads guard
     // sets and restores the process-wide value.
@@ -195,34 +168,25 @@ pub const MIN_PARALLEL_SECONDS: f64 = 0.5;
 /// [`measured_delta_loss_jobs`] where it pays: times one pass (the unquantized loss) and runs
 /// serially when all passes would take less than [`MIN_PARALLEL_SECONDS`] that way, on `jobs`
 /// workers otherwise. Same result either way.
-pub fn measured_delta_loss_auto(
-    engine: &HvpEngine<'_>,
-    data: &Dataset,
-    batch_size: usize,
-    specs: &[QuantSpec],
-    jobs: usize,
-) -> Result<Vec<Vec<f64>>> {
+pub fn measured_delta_loss_auto(engine: &HvpEngine<'_>, specs: &[QuantSpec], jobs: usize) -> Result<Vec<Vec<f64>>> {
     check_jobs(jobs)?;
     let pairs = engine.layers().len() * specs.len();
-    if jobs > 1 && pairs > 1 {
-        let t = Instant::now();
-        engine.loss_value()?;
-        let pass = t.elapsed().as_secs_f64();
-        if pass * (pairs as f64) < MIN_PARALLEL_SECONDS {
-            tracing::info!(
-                "measured ΔL: {pairs} passes of {:.1} ms each: serial (workers pay off from {MIN_PARALLEL_SECONDS} s of passes)",
-                pass * 1e3
-            );
-            return measured_delta_loss(engine, specs);
-        }
+    let t = Instant::now();
+    let base = engine.loss_value()?;
+    let pass = t.elapsed().as_secs_f64();
+    if jobs > 1 && pairs > 1 && pass * (pairs as f64) < MIN_PARALLEL_SECONDS {
+        tracing::info!(
+            "measured ΔL: {pairs} passes of {:.1} ms each: serial (workers pay off from {MIN_PARALLEL_SECONDS} s of passes)",
+            pass * 1e3
+        );
+        return serial(engine, specs, base);
     }
-    measured_delta_loss_jobs(engine, data, batch_size, specs, jobs)
+    on_workers(engine, specs, jobs, base)
 }
 
 /// [`measured_delta_loss`] on `jobs` workers: the (layer, format) pairs are handed out one at a
 /// time to a rayon pool of `jobs` threads, each with its own replica of the engine's model and
-/// its own copies of the calibration batches (`data` in batches of `batch_size`, as the engine
-/// made them; teacher logits, for data without labels, from the engine's model), and libtorch
+/// its own deep copies of the engine's calibration batches, and libtorch
 /// limited to one intra-op thread for the duration (restored afterwards, also on errors).
 ///
 /// The result is in the same order and, on the CPU, has the same values as the serial form, bit
@@ -231,20 +195,19 @@ pub fn measured_delta_loss_auto(
 ///
 /// `jobs` = 1, a single pair, or a model that cannot be replicated run the serial form (the last
 /// with a warning saying so). A failing pass is reported as an error naming its layer and format.
-pub fn measured_delta_loss_jobs(
-    engine: &HvpEngine<'_>,
-    data: &Dataset,
-    batch_size: usize,
-    specs: &[QuantSpec],
-    jobs: usize,
-) -> Result<Vec<Vec<f64>>> {
+pub fn measured_delta_loss_jobs(engine: &HvpEngine<'_>, specs: &[QuantSpec], jobs: usize) -> Result<Vec<Vec<f64>>> {
     check_jobs(jobs)?;
+    on_workers(engine, specs, jobs, engine.loss_value()?)
+}
+
+/// [`measured_delta_loss_jobs`] with the unquantized loss `base` already known.
+fn on_workers(engine: &HvpEngine<'_>, specs: &[QuantSpec], jobs: usize, base: f64) -> Result<Vec<Vec<f64>>> {
     let model = engine.model();
     let layers = engine.layers();
     let pairs = layers.len() * specs.len();
     let start = Instant::now();
     if jobs == 1 || pairs <= 1 {
-        let out = measured_delta_loss(engine, specs)?;
+        let out = serial(engine, specs, base)?;
         tracing::info!("measured ΔL: {pairs} (layer, format) passes serially in {:.3} s", start.elapsed().as_secs_f64());
         return Ok(out);
     }
@@ -260,31 +223,14 @@ pub fn measured_delta_loss_jobs(
         (Ok(r), Ok(p)) => (r, p),
         (Err(e), _) => {
             tracing::warn!("measured ΔL: {e}; running the {pairs} (layer, format) passes serially instead of on {jobs} workers");
-            return measured_delta_loss(engine, specs);
+            return serial(engine, specs, base);
         }
         (_, Err(e)) => {
             tracing::warn!("measured ΔL: cannot start {workers} worker threads ({e}); running the {pairs} (layer, format) passes serially");
-            return measured_delta_loss(engine, specs);
+            return serial(engine, specs, base);
         }
     };
-    let base = engine.loss_value()?;
-    // The batches exactly as HvpEngine::new makes them, then one deep copy per worker.
-    let n = data.len() as f64;
-    let mut template = Vec::new();
-    for (x, y) in data.batches(batch_size) {
-        let nb = x.size()[0] as f64;
-        let (target, labels) = match y {
-            Some(y) => (y, true),
-            None => (tch::no_grad(|| model.forward(&x))?.detach(), false),
-        };
-        template.push(OwnedBatch { x, target, labels, weight: nb / n });
-    }
-    let copies: Vec<Vec<OwnedBatch>> = (0..workers)
-        .map(|_| {
-            template.iter().map(|b| OwnedBatch { x: b.x.copy(), target: b.target.copy(), labels: b.labels, weight: b.weight }).collect()
-        })
-        .collect();
-    drop(template);
+    let copies: Vec<Vec<Batch>> = (0..workers).map(|_| engine.batches().iter().map(Batch::deep_copy).collect()).collect();
     let shared = Shared {
         layers,
         specs,
