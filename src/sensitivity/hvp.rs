@@ -477,6 +477,11 @@ mod tests {
         let probes: Vec<_> = (0..16).map(|i| rademacher(&shapes, 0, 1, i)).collect();
         let rounds: usize = std::env::var("AB_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(40);
         println!("libtorch intra-op threads: {}", tch::get_num_threads());
+        // (minimum, median) of a list of times.
+        let stats = |t: &mut Vec<f64>| {
+            t.sort_by(f64::total_cmp);
+            (t[0], t[t.len() / 2])
+        };
         for k in [1usize, 4, 16] {
             let (mut t_new, mut t_old) = (Vec::new(), Vec::new());
             for _ in 0..rounds {
@@ -487,10 +492,6 @@ mod tests {
                 dot_product_backward(&engine, &probes[..k])?;
                 t_old.push(t.elapsed().as_secs_f64() * 1e3 / k as f64);
             }
-            let stats = |t: &mut Vec<f64>| {
-                t.sort_by(f64::total_cmp);
-                (t[0], t[t.len() / 2])
-            };
             let ((nmin, nmed), (omin, omed)) = (stats(&mut t_new), stats(&mut t_old));
             println!(
                 "{k:>2} per pass, {rounds} alternations, ms per product min / median: grad_outputs {nmin:.2} / {nmed:.2}, Σ⟨g,v⟩ backward {omin:.2} / {omed:.2}"
@@ -515,11 +516,7 @@ mod tests {
         for t in &others {
             let _ = t.shallow_clone().set_requires_grad(true);
         }
-        let med = |t: &mut Vec<f64>| {
-            t.sort_by(f64::total_cmp);
-            (t[0], t[t.len() / 2])
-        };
-        let ((lmin, lmed), (fmin, fmed)) = (med(&mut t_live), med(&mut t_frozen));
+        let ((lmin, lmed), (fmin, fmed)) = (stats(&mut t_live), stats(&mut t_frozen));
         println!(
             "16 per pass, grad_outputs, {} other parameters: requiring grad {lmin:.2} / {lmed:.2}, frozen {fmin:.2} / {fmed:.2} ms per product (min / median)",
             others.len()
