@@ -6,6 +6,10 @@
 //! measured in the same run.
 //! Usage: `cargo run --release -p mixq-kernels --example w4_gemv -- [N K M GROUP ROUNDS INT4PACK(0/1)]`
 //! (defaults 4096 4096 1 64 41 1).
+//! `MIXQ_AB_SKIP_READ=1`: no evicting reads (weights that fit stay cached between calls).
+//! `MIXQ_AB_B2B=R`: each sample is the mean of R back-to-back calls of one kernel on one weight,
+//! as ggml's `test-backend-ops perf` times (with `MIXQ_AB_SKIP_READ=1`, its protocol exactly:
+//! what stays in L3 from the previous call of the same kernel is reused).
 use mixq_kernels::{matmul, matmul_w4a8, random_weight, LibtorchOp, LibtorchWeight, WeightFormat};
 use std::hint::black_box;
 use std::time::Instant;
@@ -34,6 +38,7 @@ fn main() -> anyhow::Result<()> {
     // MIXQ_AB_SKIP_READ=1 leaves out both read passes, so small weights stay in cache.
     let skip_read = std::env::var("MIXQ_AB_SKIP_READ").is_ok();
     let flush = vec![2u8; 64 << 20];
+    let b2b: usize = std::env::var("MIXQ_AB_B2B").ok().and_then(|v| v.parse().ok()).unwrap_or(1).max(1);
     for round in 0..rounds + 2 {
         for (idx, ts) in t.iter_mut().enumerate() {
             if idx == 0 && skip_read && round > 0 {
@@ -43,20 +48,23 @@ fn main() -> anyhow::Result<()> {
             if idx > 0 && !skip_read {
                 black_box(flush.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).fold(0, u64::wrapping_add));
             }
+            let reps = if idx == 0 { 1 } else { b2b };
             let s = Instant::now();
-            match idx {
-                0 => {
-                    black_box(src.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).fold(0, u64::wrapping_add));
+            for _ in 0..reps {
+                match idx {
+                    0 => {
+                        black_box(src.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).fold(0, u64::wrapping_add));
+                    }
+                    1 => matmul(black_box(&x), m, &w4, &mut y)?,
+                    2 => matmul_w4a8(black_box(&x), m, &w4, &mut y)?,
+                    3 => matmul_w4a8(black_box(&x), m, &w4a, &mut y)?,
+                    4 => drop(black_box(fp32.forward(&xt)?)),
+                    _ => drop(black_box(i4p.as_ref().map(|l| l.forward(&xt)).transpose()?)),
                 }
-                1 => matmul(black_box(&x), m, &w4, &mut y)?,
-                2 => matmul_w4a8(black_box(&x), m, &w4, &mut y)?,
-                3 => matmul_w4a8(black_box(&x), m, &w4a, &mut y)?,
-                4 => drop(black_box(fp32.forward(&xt)?)),
-                _ => drop(black_box(i4p.as_ref().map(|l| l.forward(&xt)).transpose()?)),
+                black_box(&y);
             }
-            black_box(&y);
             if round >= 2 {
-                ts.push(s.elapsed().as_secs_f64());
+                ts.push(s.elapsed().as_secs_f64() / reps as f64);
             }
         }
     }
@@ -74,7 +82,7 @@ fn main() -> anyhow::Result<()> {
     let read = (256 << 20) as f64 / meds[0] / 1e9;
     let bytes = [0, w4.bytes(), w4.bytes(), w4a.bytes(), 4 * n * k, n * k / 2 + 8 * n * (k / group)];
     println!(
-        "{n}x{k} m={m} group {group}, {rounds} interleaved rounds, {} threads; read roofline {read:.1} GB/s",
+        "{n}x{k} m={m} group {group}, {rounds} interleaved rounds of {b2b} back-to-back call(s) each, {} threads; read roofline {read:.1} GB/s",
         rayon::current_num_threads()
     );
     for (i, name) in names.iter().enumerate().skip(1) {

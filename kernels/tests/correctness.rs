@@ -317,25 +317,56 @@ fn threaded_and_serial_sizes_match_libtorch() {
 
 const INT4: [WeightFormat; 2] = [WeightFormat::Int4 { asymmetric: false }, WeightFormat::Int4 { asymmetric: true }];
 
+/// (n, k, group) for the int4 kernels (W4A8 and the FP32-activation GEMV): N = 1; per
+/// channel with an odd number of 32-blocks and a K tail (37, 100, 96); groups of 32 and 160 (an
+/// odd number of blocks per group: pairs straddle groups); groups of 64 and 128 (whole pairs per
+/// group); a long row; a K tail of 18 (past half a block); rows longer than the prefetch
+/// distance, an odd count (prefetches run past each row's end).
+const INT4_PAIR_SHAPES: [(usize, usize, usize); 11] = [
+    (1, 64, 32),
+    (1, 37, 37),
+    (13, 96, 32),
+    (9, 100, 100),
+    (5, 96, 96),
+    (7, 320, 160),
+    (40, 256, 64),
+    (17, 640, 128),
+    (3, 4096, 64),
+    (6, 50, 50),
+    (11, 14336, 64),
+];
+
+/// The FP32-activation int4 GEMV (`m = 1`) against libtorch, and exact on unit vectors, over the
+/// W4A8 kernel's shapes (long rows, prefetch past row ends, odd blocks per group).
+#[test]
+fn int4_gemv_over_pair_shapes() {
+    for (si, &(n, k, group)) in INT4_PAIR_SHAPES.iter().enumerate() {
+        for (fi, &f) in INT4.iter().enumerate() {
+            let w = random_weight(f, n, k, group, (si * 10 + fi) as u64).unwrap();
+            let wd = dequantized_tensor(&w).unwrap();
+            let x = rand_x(1, k, si as i64);
+            let (want, bound) = reference(&x, 1, &wd);
+            let exact = w.dequantize();
+            for isa in isas() {
+                let mut y = vec![f32::NAN; n];
+                matmul_isa(&x, 1, &w, &mut y, isa).unwrap();
+                assert_close(&format!("{f} {isa:?} n={n} k={k} g={group} m=1"), &y, &want, &bound, FP32_ORDER_RTOL);
+                for t in [0, k / 2, k - 1] {
+                    let mut e = vec![0f32; k];
+                    e[t] = 1.0;
+                    matmul_isa(&e, 1, &w, &mut y, isa).unwrap();
+                    for r in 0..n {
+                        assert!(y[r] == exact[r * k + t], "{f} {isa:?} n={n} k={k} g={group}: W[{r}, {t}] got {}, expected {}", y[r], exact[r * k + t]);
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn w4a8_matches_libtorch_on_quantized_activations() {
-    // (n, k, group): N = 1; per channel with an odd number of 32-blocks and a K tail (37, 100,
-    // 96); groups of 32 and 160 (an odd number of blocks per group: pairs straddle groups); groups
-    // of 64 and 128 (whole pairs per group); a long row; a K tail of 18 (past half a block); rows
-    // longer than the prefetch distance, an odd count (prefetches run past each row's end).
-    let shapes = [
-        (1, 64, 32),
-        (1, 37, 37),
-        (13, 96, 32),
-        (9, 100, 100),
-        (5, 96, 96),
-        (7, 320, 160),
-        (40, 256, 64),
-        (17, 640, 128),
-        (3, 4096, 64),
-        (6, 50, 50),
-        (11, 14336, 64),
-    ];
+    let shapes = INT4_PAIR_SHAPES;
     for (si, &(n, k, group)) in shapes.iter().enumerate() {
         for (fi, &f) in INT4.iter().enumerate() {
             let w = random_weight(f, n, k, group, (si * 10 + fi) as u64).unwrap();
