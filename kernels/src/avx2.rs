@@ -700,28 +700,74 @@ unsafe fn w4a8_dot<const R: usize>(w: &PackedWeight, r: usize, x: &W4a8Row, mode
     let mut acc = [_mm256_setzero_ps(); R];
     match mode {
         PairGroups::PerGroup { pairs: ppg } => {
-            let mut p = 0;
-            for g in 0..gpr {
-                let end = if g + 1 == gpr { pairs } else { p + ppg };
-                let mut ag = [_mm256_setzero_ps(); R];
-                while p < end {
-                    let half = odd && p == full;
-                    let xa = _mm256_loadu_si256(xq.add(64 * p) as *const __m256i);
-                    let xb = _mm256_loadu_si256(xq.add(64 * p + 32) as *const __m256i);
-                    let s = _mm256_loadu_ps(xs.add(8 * p));
-                    for j in 0..R {
-                        if p % 2 == 0 {
-                            // May point past the weight: a prefetch never faults, and wrapping_add
-                            // keeps the pointer arithmetic defined.
-                            _mm_prefetch::<_MM_HINT_T0>(wp[j].wrapping_add(pf_off(p, rb, R)) as *const i8);
-                        }
-                        let d = pair_dot(load_pair(wp[j], p, half), xa, xb);
-                        ag[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, ag[j]);
+            // Pair `p`'s INT32 lane sums of the R rows as FP32, times the activation scales
+            // (one prefetch per row when `pf`, i.e. every second pair: one per 64-byte line).
+            let dots = |p: usize, half: bool, pf: bool| {
+                let xa = _mm256_loadu_si256(xq.add(64 * p) as *const __m256i);
+                let xb = _mm256_loadu_si256(xq.add(64 * p + 32) as *const __m256i);
+                let s = _mm256_loadu_ps(xs.add(8 * p));
+                let mut d = [_mm256_setzero_ps(); R];
+                for j in 0..R {
+                    if pf {
+                        // May point past the weight: a prefetch never faults, and wrapping_add
+                        // keeps the pointer arithmetic defined.
+                        _mm_prefetch::<_MM_HINT_T0>(wp[j].wrapping_add(pf_off(p, rb, R)) as *const i8);
                     }
+                    d[j] = _mm256_cvtepi32_ps(pair_dot(load_pair(wp[j], p, half), xa, xb));
+                }
+                (d, s)
+            };
+            if ppg == 1 {
+                // Groups of 64: the weight scale folds into the pair's activation scales, one
+                // multiply-add per pair and row, no group loop.
+                let mut step = |p: usize, half: bool, pf: bool| {
+                    let (d, s) = dots(p, half, pf);
+                    for j in 0..R {
+                        acc[j] = _mm256_fmadd_ps(d[j], _mm256_mul_ps(s, _mm256_broadcast_ss(&*sp[j].add(p))), acc[j]);
+                    }
+                };
+                let mut p = 0;
+                while p + 2 <= full {
+                    step(p, false, true);
+                    step(p + 1, false, false);
+                    p += 2;
+                }
+                if p < full {
+                    step(p, false, true);
                     p += 1;
                 }
-                for j in 0..R {
-                    acc[j] = _mm256_fmadd_ps(ag[j], _mm256_broadcast_ss(&*sp[j].add(g)), acc[j]);
+                if odd {
+                    step(p, true, p % 2 == 0);
+                }
+            } else {
+                // Whole pairs two at a time (no per-pair branches), the half pair last.
+                let mut p = 0;
+                for g in 0..gpr {
+                    let end = if g + 1 == gpr { pairs } else { p + ppg };
+                    let whole = end.min(full);
+                    let mut ag = [_mm256_setzero_ps(); R];
+                    let mut step = |p: usize, half: bool, pf: bool| {
+                        let (d, s) = dots(p, half, pf);
+                        for j in 0..R {
+                            ag[j] = _mm256_fmadd_ps(d[j], s, ag[j]);
+                        }
+                    };
+                    while p + 2 <= whole {
+                        step(p, false, true);
+                        step(p + 1, false, false);
+                        p += 2;
+                    }
+                    if p < whole {
+                        step(p, false, true);
+                        p += 1;
+                    }
+                    if p < end {
+                        step(p, true, p % 2 == 0);
+                        p += 1;
+                    }
+                    for j in 0..R {
+                        acc[j] = _mm256_fmadd_ps(ag[j], _mm256_broadcast_ss(&*sp[j].add(g)), acc[j]);
+                    }
                 }
             }
         }
