@@ -28,7 +28,7 @@ fn main() -> anyhow::Result<()> {
     let fp32 = LibtorchWeight::new(&w4, LibtorchOp::Fp32, Device::Cpu)?;
     let i4p = if int4pack { Some(LibtorchWeight::new(&w4, LibtorchOp::Int4Pack, Device::Cpu)?) } else { None };
     let src = vec![1u8; 256 << 20];
-    let mut names = vec!["read-256MiB", "w4 fp32-act (matmul)", "w4a8 (matmul_w4a8)", "w4-asym a8", "torch-fp32"];
+    let mut names = vec!["read-256MiB", "w4 fp32-act (matmul)", "w4a8 (matmul_w4a8)", "w4-asym a8", "torch-fp32", "read w4 bytes, all thr."];
     if i4p.is_some() {
         names.push("torch-int4pack");
     }
@@ -59,6 +59,7 @@ fn main() -> anyhow::Result<()> {
                     2 => matmul_w4a8(black_box(&x), m, &w4, &mut y)?,
                     3 => matmul_w4a8(black_box(&x), m, &w4a, &mut y)?,
                     4 => drop(black_box(fp32.forward(&xt)?)),
+                    5 => drop(black_box(read_all_threads(&w4))),
                     _ => drop(black_box(i4p.as_ref().map(|l| l.forward(&xt)).transpose()?)),
                 }
                 black_box(&y);
@@ -80,7 +81,7 @@ fn main() -> anyhow::Result<()> {
     let meds: Vec<f64> = t.iter_mut().map(med).collect();
     let mins: Vec<f64> = t.iter().map(|v| v[0]).collect();
     let read = (256 << 20) as f64 / meds[0] / 1e9;
-    let bytes = [0, w4.bytes(), w4.bytes(), w4a.bytes(), 4 * n * k, n * k / 2 + 8 * n * (k / group)];
+    let bytes = [0, w4.bytes(), w4.bytes(), w4a.bytes(), 4 * n * k, w4.bytes(), n * k / 2 + 8 * n * (k / group)];
     println!(
         "{n}x{k} m={m} group {group}, {rounds} interleaved rounds of {b2b} back-to-back call(s) each, {} threads; read roofline {read:.1} GB/s",
         rayon::current_num_threads()
@@ -99,4 +100,15 @@ fn main() -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The roofline of this weight in this protocol: every byte the W4 kernels read (codes and
+/// scales), summed as `u64` on all of rayon's threads, each thread a contiguous range as the
+/// kernels' tasks.
+fn read_all_threads(w: &mixq_kernels::PackedWeight) -> u64 {
+    use rayon::prelude::*;
+    let sum = |b: &[u8]| b.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).fold(0, u64::wrapping_add);
+    let codes: u64 = w.data().par_chunks(64 << 10).map(sum).reduce(|| 0, u64::wrapping_add);
+    let scales: u64 = w.scales().par_chunks(16 << 10).map(|c| c.iter().map(|v| u64::from(v.to_bits())).fold(0, u64::wrapping_add)).reduce(|| 0, u64::wrapping_add);
+    codes.wrapping_add(scales)
 }
