@@ -590,7 +590,12 @@ pub(crate) struct W4a8Row<'a> {
 /// Software prefetch distance of the W4A8 loop, in bytes ahead in each weight row stream (one
 /// prefetch per 64-byte line). Streaming 4096 × 4096 from DRAM under load (weights evicted
 /// before each call, minima of 41 interleaved runs): about 1.4 ms without, 0.8–1.0 ms with 2048
-/// or 4096, 1.0 ms with 8192; on an idle machine it is unmeasured.
+/// or 4096, 1.0 ms with 8192; on an idle machine it is unmeasured. The prefetch goes to L2
+/// (`prefetcht1`), not L1: at K = 14336 the activation codes and scales (21 KiB) and two streams'
+/// 4 KiB of prefetched lines do not fit the 32 KiB L1 together. Quiet machine, 2026-11-29 05:24,
+/// x · W[4096×14336] g64, old and new binaries alternated four times (`w4_gemv`, medians of 9
+/// rounds): cold 2.10–2.85 ms (T0) against 1.48–2.81 ms (T1; a 2 KiB distance 2.36–3.08 ms);
+/// 4096 × 4096 cold 0.76–0.95 against 0.57–0.84 ms; ggml's protocol 1.10–1.29 against 1.01–1.20 ms.
 const PF_W4A8: usize = 4096;
 
 /// Prefetch offset, from the start of a row, for pair `p` of a loop over `r` rows at a time: `PF_W4A8`
@@ -711,7 +716,7 @@ unsafe fn w4a8_dot<const R: usize>(w: &PackedWeight, r: usize, x: &W4a8Row, mode
                     if pf {
                         // May point past the weight: a prefetch never faults, and wrapping_add
                         // keeps the pointer arithmetic defined.
-                        _mm_prefetch::<_MM_HINT_T0>(wp[j].wrapping_add(pf_off(p, rb, R)) as *const i8);
+                        _mm_prefetch::<_MM_HINT_T1>(wp[j].wrapping_add(pf_off(p, rb, R)) as *const i8);
                     }
                     d[j] = _mm256_cvtepi32_ps(pair_dot(load_pair(wp[j], p, half), xa, xb));
                 }
@@ -794,7 +799,7 @@ unsafe fn w4a8_dot<const R: usize>(w: &PackedWeight, r: usize, x: &W4a8Row, mode
                 let s = _mm256_loadu_ps(xs.add(8 * p));
                 for j in 0..R {
                     if p % 2 == 0 {
-                        _mm_prefetch::<_MM_HINT_T0>(wp[j].wrapping_add(pf_off(p, rb, R)) as *const i8);
+                        _mm_prefetch::<_MM_HINT_T1>(wp[j].wrapping_add(pf_off(p, rb, R)) as *const i8);
                     }
                     let ws = _mm256_blend_ps::<0xF0>(_mm256_broadcast_ss(&*sp[j].add(g0)), _mm256_broadcast_ss(&*sp[j].add(g1)));
                     let d = pair_dot(load_pair(wp[j], p, half), xa, xb);
