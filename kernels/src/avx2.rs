@@ -453,9 +453,16 @@ pub(crate) unsafe fn panels<D: Block>(d: &D, x: &[f32], m: usize, n0: usize, nb:
             let (xc, yc) = (xp.add(k0), yp.add(p0));
             let mut i = 0;
             if pn > 8 {
-                while i + MR <= m {
+                // A rest of one or two rows goes with the last whole tile as 4 + 3 or 4 + 4 rows:
+                // a 1- or 2-row tile loads as often per FMA as it multiplies.
+                let tiles = if m > MR && matches!(m % MR, 1 | 2) { m / MR - 1 } else { m / MR };
+                for _ in 0..tiles {
                     ptile::<MR, 2>(pp, kc, xc.add(i * k), k, yc.add(i * ldy), ldy, first, pn);
                     i += MR;
+                }
+                if m - i > MR - 1 {
+                    ptile::<4, 2>(pp, kc, xc.add(i * k), k, yc.add(i * ldy), ldy, first, pn);
+                    i += 4;
                 }
                 let (xc, yc) = (xc.add(i * k), yc.add(i * ldy));
                 match m - i {
