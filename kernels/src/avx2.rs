@@ -11,10 +11,16 @@
 //!   packed weight once, so its speed is the decode throughput or the memory bandwidth,
 //!   whichever is lower; a software prefetch [`PF_GEMV`] bytes ahead keeps DRAM requests in
 //!   flight while the core decodes (as the W4A8 kernel's `PF_W4A8`).
-//! - `m > 1`: per task of up to [`ROWS`] weight rows and per chunk of [`KC`] inner elements,
-//!   the rows are decoded once into an L1-resident buffer, then a 2 × 4 register tile (two
-//!   activation rows × four weight rows, eight accumulators) runs over it for all `m`: decoding
-//!   is amortised over `m`, the activation chunk is reused by the four rows from L1.
+//! - `1 < m < 16` (`rows`): per task of up to [`ROWS`] weight rows and per chunk of [`KC`] inner
+//!   elements, the rows are decoded once into an L1-resident buffer, then a 2 × 4 register tile
+//!   (two activation rows × four weight rows, eight accumulators) runs over it for all `m`:
+//!   decoding is amortised over `m`, the activation chunk is reused by the four rows from L1.
+//! - `m >= 16` (`panels`, the classic broadcast GEMM): per chunk of [`KCP`] inner elements and
+//!   panel of [`NR`] = 16 weight rows, the rows are decoded into a k-major panel (8 × 8
+//!   transposes), then 6 × 16 register tiles (12 accumulators; per element two panel loads, six
+//!   broadcasts, twelve FMAs) write straight into the row-major output, no horizontal sums.
+//!   Decoding into a panel costs more per weight than into rows (the transposes), so below
+//!   16 rows `rows` is faster (`gemm::PANEL_M`).
 //!
 //! W8A8 (`gemm::matmul_w8a8`): `i8_rows` (`sign` + `maddubs` + `madd` on the raw bytes) for
 //! `m` below a few rows; from there on `i16_rows`, a 2 × 4 `vpmaddwd` register tile over INT16
@@ -403,6 +409,230 @@ unsafe fn tile<const MR: usize, const NR: usize>(
                 s += *xp.add((i0 + i) * ldx + tt) * *bp.add((j0 + j) * KC + tt);
             }
             yt[(j0 + j) * m + i0 + i] += s;
+        }
+    }
+}
+
+/// Weight rows per panel of the broadcast kernel ([`panels`]): two `__m256` per inner element.
+pub(crate) const NR: usize = 16;
+/// Activation rows per register tile of [`panels`] (6 × 2 accumulators, two panel vectors and one
+/// broadcast: 15 of the 16 `ymm` registers).
+const MR: usize = 6;
+/// Inner elements per panel chunk of [`panels`] (a multiple of 32): 256 × 16 × 4 B = 16 KiB, half
+/// the L1 data cache, next to the `MR` activation rows the tile streams.
+pub(crate) const KCP: usize = 256;
+
+/// A k-major panel: `NR` weight rows of one chunk, element `t` of row `j` at `t · NR + j`.
+#[repr(C, align(64))]
+struct Panel([f32; KCP * NR]);
+
+/// `y[i · ldy + j] = Σ_t x[i, t] · W[n0 + j, t]` for `i < m`, `j < nb`: the broadcast kernel for
+/// `m > 1`. Per chunk of [`KCP`] inner elements and per panel of [`NR`] weight rows, the rows are
+/// decoded once into a k-major [`Panel`] (exact dequantized values, by [`Block::block`] and an 8 × 8
+/// transpose), then `MR × NR` register tiles run over all `m` activation rows: per inner element
+/// two panel loads, `MR` broadcasts and `2 MR` FMAs, no horizontal sums; outputs go straight to
+/// `y` (row-major), the first chunk from zero, later chunks added to what the earlier ones left.
+///
+/// # Safety
+/// AVX2, FMA and F16C are available; `x.len() == m · k`; `n0 + nb <= n`, `nb > 0`, `ldy >= nb`,
+/// `y.len() >= (m - 1) · ldy + nb`; the weight's group satisfies `group % 32 == 0 || group == k`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn panels<D: Block>(d: &D, x: &[f32], m: usize, n0: usize, nb: usize, y: &mut [f32], ldy: usize) {
+    let k = d.w().k;
+    let mut panel = Panel([0.0; KCP * NR]);
+    let pp = panel.0.as_mut_ptr();
+    let (xp, yp) = (x.as_ptr(), y.as_mut_ptr());
+    let mut k0 = 0;
+    while k0 < k {
+        let kc = KCP.min(k - k0);
+        let first = k0 == 0;
+        let mut p0 = 0;
+        while p0 < nb {
+            let pn = NR.min(nb - p0);
+            decode_panel(d, n0 + p0, pn, k0, kc, pp);
+            let (xc, yc) = (xp.add(k0), yp.add(p0));
+            let mut i = 0;
+            if pn > 8 {
+                // A rest of one or two rows goes with the last whole tile as 4 + 3 or 4 + 4 rows:
+                // a 1- or 2-row tile loads as often per FMA as it multiplies.
+                let tiles = if m > MR && matches!(m % MR, 1 | 2) { m / MR - 1 } else { m / MR };
+                for _ in 0..tiles {
+                    ptile::<MR, 2>(pp, kc, xc.add(i * k), k, yc.add(i * ldy), ldy, first, pn);
+                    i += MR;
+                }
+                if m - i > MR - 1 {
+                    ptile::<4, 2>(pp, kc, xc.add(i * k), k, yc.add(i * ldy), ldy, first, pn);
+                    i += 4;
+                }
+                let (xc, yc) = (xc.add(i * k), yc.add(i * ldy));
+                match m - i {
+                    5 => ptile::<5, 2>(pp, kc, xc, k, yc, ldy, first, pn),
+                    4 => ptile::<4, 2>(pp, kc, xc, k, yc, ldy, first, pn),
+                    3 => ptile::<3, 2>(pp, kc, xc, k, yc, ldy, first, pn),
+                    2 => ptile::<2, 2>(pp, kc, xc, k, yc, ldy, first, pn),
+                    1 => ptile::<1, 2>(pp, kc, xc, k, yc, ldy, first, pn),
+                    _ => {}
+                }
+            } else {
+                // One vector of columns: twice the rows per tile for the same registers.
+                const MR1: usize = 2 * MR;
+                while i + MR1 <= m {
+                    ptile::<MR1, 1>(pp, kc, xc.add(i * k), k, yc.add(i * ldy), ldy, first, pn);
+                    i += MR1;
+                }
+                while i + 4 <= m {
+                    ptile::<4, 1>(pp, kc, xc.add(i * k), k, yc.add(i * ldy), ldy, first, pn);
+                    i += 4;
+                }
+                while i < m {
+                    ptile::<1, 1>(pp, kc, xc.add(i * k), k, yc.add(i * ldy), ldy, first, pn);
+                    i += 1;
+                }
+            }
+            p0 += NR;
+        }
+        k0 += kc;
+    }
+}
+
+/// In-register transpose of an 8 × 8 block of FP32.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+    let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+    let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+    let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+    [
+        _mm256_permute2f128_ps::<0x20>(u0, u4),
+        _mm256_permute2f128_ps::<0x20>(u1, u5),
+        _mm256_permute2f128_ps::<0x20>(u2, u6),
+        _mm256_permute2f128_ps::<0x20>(u3, u7),
+        _mm256_permute2f128_ps::<0x31>(u0, u4),
+        _mm256_permute2f128_ps::<0x31>(u1, u5),
+        _mm256_permute2f128_ps::<0x31>(u2, u6),
+        _mm256_permute2f128_ps::<0x31>(u3, u7),
+    ]
+}
+
+/// Decodes weight rows `r0 .. r0 + pn` (`pn <= NR`), elements `k0 .. k0 + kc`, into the k-major
+/// panel at `pp` (element `t` of row `j` at `t · NR + j`): per 8 rows and 32-element block, the
+/// rows' exact values ([`Block::block`]) through an L1 scratch and 8 × 8 transposes; the elements
+/// after the last whole block by [`PackedWeight::value`]. Columns `pn ..` of the panel (rows past
+/// the weight's end, or a second half of 8 that is not needed) hold copies of the last row or
+/// stale values: each lane of the tile is independent, and those columns are never stored.
+///
+/// # Safety
+/// As [`panels`]; `k0` is a multiple of 32, `k0 + kc <= k`, `kc <= KCP`, rows `r0 .. r0 + pn` exist,
+/// `pp` points to a panel of `KCP · NR` floats.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn decode_panel<D: Block>(d: &D, r0: usize, pn: usize, k0: usize, kc: usize, pp: *mut f32) {
+    #[repr(C, align(32))]
+    struct Scratch([[f32; NIBBLE_BLOCK]; 8]);
+    let w = d.w();
+    let rb = w.row_bytes();
+    let full = kc / NIBBLE_BLOCK;
+    let b0 = k0 / NIBBLE_BLOCK;
+    let mut sc = Scratch([[0.0; NIBBLE_BLOCK]; 8]);
+    let sp = sc.0.as_mut_ptr() as *mut f32;
+    for h in 0..pn.div_ceil(8) {
+        let rows: [usize; 8] = std::array::from_fn(|j| r0 + (8 * h + j).min(pn - 1));
+        let mut walks: [GroupWalk; 8] = std::array::from_fn(|j| GroupWalk::new(w, rows[j], b0));
+        for bi in 0..full {
+            for j in 0..8 {
+                let (s, z) = walks[j].next();
+                let v = d.block(w.data.as_ptr().add(rows[j] * rb), b0 + bi, s, z);
+                for (q, vq) in v.iter().enumerate() {
+                    _mm256_store_ps(sp.add(j * NIBBLE_BLOCK + 8 * q), *vq);
+                }
+            }
+            for q in 0..4 {
+                let r: [__m256; 8] = std::array::from_fn(|j| _mm256_load_ps(sp.add(j * NIBBLE_BLOCK + 8 * q)));
+                let c = transpose8(r);
+                let o = pp.add((bi * NIBBLE_BLOCK + 8 * q) * NR + 8 * h);
+                for (t, ct) in c.iter().enumerate() {
+                    _mm256_store_ps(o.add(t * NR), *ct);
+                }
+            }
+        }
+        for t in full * NIBBLE_BLOCK..kc {
+            for j in 0..8 {
+                *pp.add(t * NR + 8 * h + j) = w.value(rows[j], k0 + t);
+            }
+        }
+    }
+}
+
+/// One `R × (8 V)` register tile of [`panels`]: `y[i · ldy + j] (+)= Σ_{t < kc} x[i · ldx + t] ·
+/// panel[t · NR + j]` for `i < R`, `j < cols.min(8 V)`, from zero when `first`.
+///
+/// # Safety
+/// AVX2 + FMA available; `pp` a panel of `kc` filled elements; `x` rows `0 .. R` with stride `ldx`,
+/// `kc` elements each; `y` rows `0 .. R` with stride `ldy`, `cols.min(8 V)` columns each.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn ptile<const R: usize, const V: usize>(
+    pp: *const f32,
+    kc: usize,
+    x: *const f32,
+    ldx: usize,
+    y: *mut f32,
+    ldy: usize,
+    first: bool,
+    cols: usize,
+) {
+    let mut acc = [[_mm256_setzero_ps(); V]; R];
+    let whole = cols >= 8 * V;
+    if !first {
+        for i in 0..R {
+            let yr = y.add(i * ldy);
+            if whole {
+                for v in 0..V {
+                    acc[i][v] = _mm256_loadu_ps(yr.add(8 * v));
+                }
+            } else {
+                let mut tmp = [0f32; 16];
+                std::ptr::copy_nonoverlapping(yr, tmp.as_mut_ptr(), cols);
+                for v in 0..V {
+                    acc[i][v] = _mm256_loadu_ps(tmp.as_ptr().add(8 * v));
+                }
+            }
+        }
+    }
+    for t in 0..kc {
+        let b: [__m256; V] = std::array::from_fn(|v| _mm256_load_ps(pp.add(t * NR + 8 * v)));
+        for i in 0..R {
+            let a = _mm256_broadcast_ss(&*x.add(i * ldx + t));
+            for v in 0..V {
+                acc[i][v] = _mm256_fmadd_ps(a, b[v], acc[i][v]);
+            }
+        }
+    }
+    for i in 0..R {
+        let yr = y.add(i * ldy);
+        if whole {
+            for v in 0..V {
+                _mm256_storeu_ps(yr.add(8 * v), acc[i][v]);
+            }
+        } else {
+            let mut tmp = [0f32; 16];
+            for v in 0..V {
+                _mm256_storeu_ps(tmp.as_mut_ptr().add(8 * v), acc[i][v]);
+            }
+            std::ptr::copy_nonoverlapping(tmp.as_ptr(), yr, cols);
         }
     }
 }

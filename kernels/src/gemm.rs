@@ -4,7 +4,9 @@
 //! Work is split across rayon threads by blocks of weight rows (each task reads its rows once
 //! and writes its own slice of a transposed output `yᵀ[n, m]`, so no two tasks share a cache
 //! line of weights or outputs); `m > 1` results are transposed back at the end (`m · n`
-//! floats, negligible next to the product). Calls below `SERIAL_MACS` multiply-adds run their
+//! floats, negligible next to the product) — except from `PANEL_M` rows on with AVX2, where
+//! the broadcast kernel writes row-major output blocks per task of output columns. Calls below
+//! `SERIAL_MACS` multiply-adds (`GEMM_SERIAL_MACS` for FP32 activations at `m > 1`) run their
 //! tasks on the calling thread: rayon's hand-off costs more than a small layer's product.
 //!
 //! [`matmul_w4a8`] is a separate mode for int4 weights: it quantizes the activations to INT8 per
@@ -61,13 +63,40 @@ const ROWS: usize = 8;
 /// between (`cargo run --release -p mixq-kernels --example latency -- N K M`, README).
 const SERIAL_MACS: usize = 1 << 19;
 
+/// Whether a call of `macs` multiply-adds runs on the calling thread (see [`SERIAL_MACS`]).
+fn runs_serial(macs: usize) -> bool {
+    macs < SERIAL_MACS || rayon::current_num_threads() == 1
+}
+
+/// [`SERIAL_MACS`] for the FP32-activation kernels at `m > 1`. Their calls of 2^19 to 2^21
+/// multiply-adds (the demo CNN's 32 × 288 at M = 64, 64 × 576 at M = 16, 128 × 1152 at M = 4, each
+/// 590 k) took 15–37 µs on one thread but a median of 38–100 µs on two (rayon's hand-off, with the
+/// other core often busy: load average 1–2), in cache, 2026-11-29
+/// (`cargo run --release -p mixq-kernels --example latency -- N K M`, interleaved with
+/// `RAYON_NUM_THREADS=1`); from 128 × 1152 at M = 16 (2.4 M) two threads had the lower minimum
+/// (51 against 82 µs) though not always the lower median.
+const GEMM_SERIAL_MACS: usize = 1 << 21;
+
+/// Whether an `m > 1` FP32-activation call of `macs` multiply-adds runs on the calling thread.
+fn gemm_runs_serial(macs: usize) -> bool {
+    macs < GEMM_SERIAL_MACS || rayon::current_num_threads() == 1
+}
+
 /// Runs `f(t, chunk)` for the consecutive `chunk`-long pieces of `out` (`t` the piece's index):
 /// on rayon's pool, or on this thread when `macs <` [`SERIAL_MACS`] or the pool has one thread.
 fn run_tasks<F>(out: &mut [f32], chunk: usize, macs: usize, f: F)
 where
     F: Fn(usize, &mut [f32]) + Send + Sync,
 {
-    if macs < SERIAL_MACS || rayon::current_num_threads() == 1 {
+    run_tasks_if(out, chunk, runs_serial(macs), f)
+}
+
+/// [`run_tasks`] with the choice made by the caller: on this thread when `serial`.
+fn run_tasks_if<F>(out: &mut [f32], chunk: usize, serial: bool, f: F)
+where
+    F: Fn(usize, &mut [f32]) + Send + Sync,
+{
+    if serial {
         out.chunks_mut(chunk).enumerate().for_each(|(t, c)| f(t, c));
     } else {
         out.par_chunks_mut(chunk).enumerate().for_each(|(t, c)| f(t, c));
@@ -119,9 +148,16 @@ pub fn matmul_isa(x: &[f32], m: usize, w: &PackedWeight, y: &mut [f32], isa: Isa
             w.group
         )));
     }
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 && m >= PANEL_M {
+        panel_matmul(x, m, w, y);
+        return Ok(());
+    }
     let mut yt = if m == 1 { Vec::new() } else { vec![0f32; m * w.n] };
     let out: &mut [f32] = if m == 1 { y } else { &mut yt };
-    run_tasks(out, ROWS * m, m.saturating_mul(w.n).saturating_mul(w.k), |t, chunk| {
+    let macs = m.saturating_mul(w.n).saturating_mul(w.k);
+    let serial = if m == 1 { runs_serial(macs) } else { gemm_runs_serial(macs) };
+    run_tasks_if(out, ROWS * m, serial, |t, chunk| {
         let r0 = t * ROWS;
         match isa {
             #[cfg(target_arch = "x86_64")]
@@ -149,6 +185,52 @@ pub fn matmul_isa(x: &[f32], m: usize, w: &PackedWeight, y: &mut [f32], isa: Isa
         }
     }
     Ok(())
+}
+
+/// From this many activation rows on, the AVX2 weight-only kernel is `avx2::panels` (k-major
+/// weight panels, broadcast register tiles, row-major output); below it `avx2::rows` (`gemv` at
+/// `m = 1`, the 2 × 4 dot-product tile below). Measured on one thread, in cache, interleaved with the
+/// old kernel (load average 1–1.7): `panels` was slower at M = 2 … 12 (768 × 768, M = 8: 236–270 µs
+/// against 193–214 µs; 256 × 2304, M = 12: 265–298 against 247–264 µs; 4096 × 4096, M = 8:
+/// 7.4–8.5 against 5.9–6.7 ms, minima), about even at M = 16 and faster from M = 24 on (see the
+/// README's design notes): decoding into k-major panels costs more per weight than into rows.
+const PANEL_M: usize = 16;
+/// Output columns (weight rows) per parallel task of [`panel_matmul`]: a multiple of `avx2::NR`.
+const PANEL_COLS: usize = 64;
+
+/// `y = x · Wᵀ` by `avx2::panels`: on this thread straight into `y` when [`gemm_runs_serial`],
+/// else per task of up to [`PANEL_COLS`] output columns (fewer when that leaves a thread idle) into its own row-major `[m, cols]` block of a
+/// scratch buffer, copied into `y` row by row afterwards.
+///
+/// The caller has checked AVX2 + FMA + F16C, the shapes of `x` and `y` and the weight's group.
+#[cfg(target_arch = "x86_64")]
+fn panel_matmul(x: &[f32], m: usize, w: &PackedWeight, y: &mut [f32]) {
+    use crate::avx2::{panels, Fp4, Fp8, Int4, Int8};
+    let n = w.n;
+    // SAFETY (both calls): AVX2 + FMA + F16C and the group condition checked by the caller;
+    // x.len() == m·k; columns n0 .. n0 + nb < n, nb > 0; `out` holds m rows of stride ldy >= nb.
+    let run = |n0: usize, nb: usize, out: &mut [f32], ldy: usize| unsafe {
+        match w.format {
+            WeightFormat::Int4 { .. } => panels(&Int4(w), x, m, n0, nb, out, ldy),
+            WeightFormat::Int8 { .. } => panels(&Int8(w), x, m, n0, nb, out, ldy),
+            WeightFormat::Fp8E4M3 => panels(&Fp8(w), x, m, n0, nb, out, ldy),
+            WeightFormat::Fp4E2M1 => panels(&Fp4(w), x, m, n0, nb, out, ldy),
+        }
+    };
+    let macs = m.saturating_mul(n).saturating_mul(w.k);
+    let cols = n.div_ceil(rayon::current_num_threads()).next_multiple_of(crate::avx2::NR).min(PANEL_COLS);
+    if gemm_runs_serial(macs) || cols >= n {
+        run(0, n, y, n);
+        return;
+    }
+    let mut blocks = vec![0f32; m * n];
+    run_tasks_if(&mut blocks, cols * m, false, |t, chunk| run(t * cols, chunk.len() / m, chunk, chunk.len() / m));
+    for (t, block) in blocks.chunks(cols * m).enumerate() {
+        let nb = block.len() / m;
+        for (yr, br) in y.chunks_exact_mut(n).zip(block.chunks_exact(nb)) {
+            yr[t * cols..t * cols + nb].copy_from_slice(br);
+        }
+    }
 }
 
 /// Portable kernel: decode one row at a time into a buffer, then plain dot products.

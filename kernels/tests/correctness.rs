@@ -455,3 +455,68 @@ fn w4a8_block_quantization_and_refusals() {
     let w = random_weight(WeightFormat::Int4 { asymmetric: false }, 2, 64, 32, 1).unwrap();
     assert!(matches!(matmul_w4a8_isa(&[0.0; 63], 1, &w, &mut [0.0; 2], Isa::Auto), Err(KernelError::Shape { .. })));
 }
+
+/// The AVX2 broadcast kernel for `m > 1` (`avx2::panels`) around its tile and chunk sizes and the
+/// dispatch threshold: N around the panel width (16) and the task width (up to 64 columns, threaded
+/// from 2^21 multiply-adds), K around the panel chunk (256) with and without a tail after the last
+/// 32-block, M around the register tiles (6 rows, and 12 and 4 for panels of at most 8 columns) and
+/// the threshold (16) below which `avx2::rows` runs, per group and per channel.
+#[test]
+fn panel_kernel_tails_match_libtorch() {
+    let shapes = [
+        (1usize, 37usize, 37usize),
+        (7, 256, 64),
+        (8, 288, 32),
+        (9, 257, 257),
+        (15, 512, 128),
+        (16, 300, 300),
+        (17, 96, 32),
+        (33, 544, 32),
+        (65, 600, 600),
+        (130, 704, 64),
+    ];
+    for (si, &(n, k, group)) in shapes.iter().enumerate() {
+        for (fi, &f) in FORMATS.iter().enumerate() {
+            let w = random_weight(f, n, k, group, (si * 10 + fi + 500) as u64).unwrap();
+            let wd = dequantized_tensor(&w).unwrap();
+            for m in [15usize, 16, 17, 18, 19, 20, 21, 24, 25] {
+                let x = rand_x(m, k, (si * 100 + m + 7) as i64);
+                let (want, bound) = reference(&x, m, &wd);
+                for isa in isas() {
+                    let mut y = vec![f32::NAN; m * n];
+                    matmul_isa(&x, m, &w, &mut y, isa).unwrap();
+                    assert_close(&format!("{f} {isa:?} n={n} k={k} g={group} m={m}"), &y, &want, &bound, FP32_ORDER_RTOL);
+                }
+            }
+        }
+    }
+}
+
+/// Identity activations through the broadcast kernel over several panel chunks (k = 320: chunks
+/// of 256 and 64, groups of 64; k = 300: 256, then 44 with a 12-element tail, per channel),
+/// serial (n = 19) and in column tasks (n = 70 at m = k = 300, over 2^21 multiply-adds): the dequantized weight
+/// exactly, every output written (NaN-filled `y`).
+#[test]
+fn panel_kernel_identity_over_chunks_is_exact() {
+    for &f in &FORMATS {
+        for &(n, k, group) in &[(19usize, 320usize, 64usize), (70, 300, 300)] {
+            let mut x = vec![0f32; k * k];
+            for i in 0..k {
+                x[i * k + i] = 1.0;
+            }
+            let w = random_weight(f, n, k, group, 13).unwrap();
+            let want = w.dequantize();
+            for isa in isas() {
+                for m in [15usize, 16, 19, k] {
+                    let mut y = vec![f32::NAN; m * n];
+                    matmul_isa(&x[..m * k], m, &w, &mut y, isa).unwrap();
+                    for i in 0..m {
+                        for r in 0..n {
+                            assert!(y[i * n + r] == want[r * k + i], "{f} {isa:?} n={n} m={m}: W[{r}, {i}] got {}", y[i * n + r]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
