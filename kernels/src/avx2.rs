@@ -841,6 +841,29 @@ fn pf_off(p: usize, rb: usize, r: usize) -> usize {
     }
 }
 
+/// Calls `step(p, half, prefetch)` for the pairs `p0 .. end` of a row with `full` whole pairs:
+/// the whole ones two at a time, `prefetch` on the first of each two (one software prefetch per
+/// 64-byte line and stream), then the half pair (`p == full`, an odd block count) if it is in the
+/// range — no per-pair branch in the loop. Returns `end`.
+#[inline(always)]
+fn walk_pairs(p0: usize, end: usize, full: usize, mut step: impl FnMut(usize, bool, bool)) -> usize {
+    let whole = end.min(full);
+    let mut p = p0;
+    while p + 2 <= whole {
+        step(p, false, true);
+        step(p + 1, false, false);
+        p += 2;
+    }
+    if p < whole {
+        step(p, false, true);
+        p += 1;
+    }
+    if p < end {
+        step(p, true, p.is_multiple_of(2));
+    }
+    end
+}
+
 /// How the weight's scale groups fall on pairs of 32-element blocks.
 #[derive(Clone, Copy)]
 pub(crate) enum PairGroups {
@@ -933,73 +956,45 @@ unsafe fn w4a8_dot<const R: usize>(w: &PackedWeight, r: usize, x: &W4a8Row, mode
     }
     let (xq, xs) = (x.xq.as_ptr(), x.xs8.as_ptr());
     let mut acc = [_mm256_setzero_ps(); R];
+    // Pair `p`'s INT32 lane sums of the R rows as FP32, times the activation scales
+    // (one prefetch per row when `pf`, i.e. every second pair: one per 64-byte line).
+    let dots = |p: usize, half: bool, pf: bool| {
+        let xa = _mm256_loadu_si256(xq.add(64 * p) as *const __m256i);
+        let xb = _mm256_loadu_si256(xq.add(64 * p + 32) as *const __m256i);
+        let s = _mm256_loadu_ps(xs.add(8 * p));
+        let mut d = [_mm256_setzero_ps(); R];
+        for j in 0..R {
+            if pf {
+                // May point past the weight: a prefetch never faults, and wrapping_add
+                // keeps the pointer arithmetic defined.
+                _mm_prefetch::<_MM_HINT_T1>(wp[j].wrapping_add(pf_off(p, rb, R)) as *const i8);
+            }
+            d[j] = _mm256_cvtepi32_ps(pair_dot(load_pair(wp[j], p, half), xa, xb));
+        }
+        (d, s)
+    };
     match mode {
         PairGroups::PerGroup { pairs: ppg } => {
-            // Pair `p`'s INT32 lane sums of the R rows as FP32, times the activation scales
-            // (one prefetch per row when `pf`, i.e. every second pair: one per 64-byte line).
-            let dots = |p: usize, half: bool, pf: bool| {
-                let xa = _mm256_loadu_si256(xq.add(64 * p) as *const __m256i);
-                let xb = _mm256_loadu_si256(xq.add(64 * p + 32) as *const __m256i);
-                let s = _mm256_loadu_ps(xs.add(8 * p));
-                let mut d = [_mm256_setzero_ps(); R];
-                for j in 0..R {
-                    if pf {
-                        // May point past the weight: a prefetch never faults, and wrapping_add
-                        // keeps the pointer arithmetic defined.
-                        _mm_prefetch::<_MM_HINT_T1>(wp[j].wrapping_add(pf_off(p, rb, R)) as *const i8);
-                    }
-                    d[j] = _mm256_cvtepi32_ps(pair_dot(load_pair(wp[j], p, half), xa, xb));
-                }
-                (d, s)
-            };
             if ppg == 1 {
                 // Groups of 64: the weight scale folds into the pair's activation scales, one
                 // multiply-add per pair and row, no group loop.
-                let mut step = |p: usize, half: bool, pf: bool| {
+                walk_pairs(0, pairs, full, |p, half, pf| {
                     let (d, s) = dots(p, half, pf);
                     for j in 0..R {
                         acc[j] = _mm256_fmadd_ps(d[j], _mm256_mul_ps(s, _mm256_broadcast_ss(&*sp[j].add(p))), acc[j]);
                     }
-                };
-                let mut p = 0;
-                while p + 2 <= full {
-                    step(p, false, true);
-                    step(p + 1, false, false);
-                    p += 2;
-                }
-                if p < full {
-                    step(p, false, true);
-                    p += 1;
-                }
-                if odd {
-                    step(p, true, p % 2 == 0);
-                }
+                });
             } else {
-                // Whole pairs two at a time (no per-pair branches), the half pair last.
                 let mut p = 0;
                 for g in 0..gpr {
                     let end = if g + 1 == gpr { pairs } else { p + ppg };
-                    let whole = end.min(full);
                     let mut ag = [_mm256_setzero_ps(); R];
-                    let mut step = |p: usize, half: bool, pf: bool| {
+                    p = walk_pairs(p, end, full, |p, half, pf| {
                         let (d, s) = dots(p, half, pf);
                         for j in 0..R {
                             ag[j] = _mm256_fmadd_ps(d[j], s, ag[j]);
                         }
-                    };
-                    while p + 2 <= whole {
-                        step(p, false, true);
-                        step(p + 1, false, false);
-                        p += 2;
-                    }
-                    if p < whole {
-                        step(p, false, true);
-                        p += 1;
-                    }
-                    if p < end {
-                        step(p, true, p % 2 == 0);
-                        p += 1;
-                    }
+                    });
                     for j in 0..R {
                         acc[j] = _mm256_fmadd_ps(ag[j], _mm256_broadcast_ss(&*sp[j].add(g)), acc[j]);
                     }
@@ -1024,16 +1019,10 @@ unsafe fn w4a8_dot<const R: usize>(w: &PackedWeight, r: usize, x: &W4a8Row, mode
                         left = blocks;
                     }
                 }
-                let xa = _mm256_loadu_si256(xq.add(64 * p) as *const __m256i);
-                let xb = _mm256_loadu_si256(xq.add(64 * p + 32) as *const __m256i);
-                let s = _mm256_loadu_ps(xs.add(8 * p));
+                let (d, s) = dots(p, half, p % 2 == 0);
                 for j in 0..R {
-                    if p % 2 == 0 {
-                        _mm_prefetch::<_MM_HINT_T1>(wp[j].wrapping_add(pf_off(p, rb, R)) as *const i8);
-                    }
                     let ws = _mm256_blend_ps::<0xF0>(_mm256_broadcast_ss(&*sp[j].add(g0)), _mm256_broadcast_ss(&*sp[j].add(g1)));
-                    let d = pair_dot(load_pair(wp[j], p, half), xa, xb);
-                    acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(s, ws), acc[j]);
+                    acc[j] = _mm256_fmadd_ps(d[j], _mm256_mul_ps(s, ws), acc[j]);
                 }
             }
         }
