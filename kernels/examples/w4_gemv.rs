@@ -28,7 +28,8 @@ fn main() -> anyhow::Result<()> {
     let fp32 = LibtorchWeight::new(&w4, LibtorchOp::Fp32, Device::Cpu)?;
     let i4p = if int4pack { Some(LibtorchWeight::new(&w4, LibtorchOp::Int4Pack, Device::Cpu)?) } else { None };
     let src = vec![1u8; 256 << 20];
-    let mut names = vec!["read-256MiB", "w4 fp32-act (matmul)", "w4a8 (matmul_w4a8)", "w4-asym a8", "torch-fp32", "read w4 bytes, all thr."];
+    let mut names =
+        vec!["read-256MiB", "w4 fp32-act (matmul)", "w4a8 (matmul_w4a8)", "w4-asym a8", "torch-fp32", "read w4 bytes, all thr."];
     if i4p.is_some() {
         names.push("torch-int4pack");
     }
@@ -53,7 +54,9 @@ fn main() -> anyhow::Result<()> {
             for _ in 0..reps {
                 match idx {
                     0 => {
-                        black_box(src.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).fold(0, u64::wrapping_add));
+                        black_box(
+                            src.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).fold(0, u64::wrapping_add),
+                        );
                     }
                     1 => matmul(black_box(&x), m, &w4, &mut y)?,
                     2 => matmul_w4a8(black_box(&x), m, &w4, &mut y)?,
@@ -109,6 +112,10 @@ fn read_all_threads(w: &mixq_kernels::PackedWeight) -> u64 {
     use rayon::prelude::*;
     let sum = |b: &[u8]| b.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).fold(0, u64::wrapping_add);
     let codes: u64 = w.data().par_chunks(64 << 10).map(sum).reduce(|| 0, u64::wrapping_add);
-    let scales: u64 = w.scales().par_chunks(16 << 10).map(|c| c.iter().map(|v| u64::from(v.to_bits())).fold(0, u64::wrapping_add)).reduce(|| 0, u64::wrapping_add);
+    let scales: u64 = w
+        .scales()
+        .par_chunks(16 << 10)
+        .map(|c| c.iter().map(|v| u64::from(v.to_bits())).fold(0, u64::wrapping_add))
+        .reduce(|| 0, u64::wrapping_add);
     codes.wrapping_add(scales)
 }

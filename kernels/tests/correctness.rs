@@ -356,7 +356,12 @@ fn int4_gemv_over_pair_shapes() {
                     e[t] = 1.0;
                     matmul_isa(&e, 1, &w, &mut y, isa).unwrap();
                     for r in 0..n {
-                        assert!(y[r] == exact[r * k + t], "{f} {isa:?} n={n} k={k} g={group}: W[{r}, {t}] got {}, expected {}", y[r], exact[r * k + t]);
+                        assert!(
+                            y[r] == exact[r * k + t],
+                            "{f} {isa:?} n={n} k={k} g={group}: W[{r}, {t}] got {}, expected {}",
+                            y[r],
+                            exact[r * k + t]
+                        );
                     }
                 }
             }
