@@ -1,6 +1,7 @@
 //! CUDA timings for `kernels/cuda-check.sh`: [`QLinear`] on `cuda:0` (libtorch's int8pack /
-//! int4pack ops, dequantized FP32 for the FP formats) against a libtorch FP32 matmul, at the
-//! bench shapes and M = 1, 8, 32, 128; median of 20 runs after 5 warm-ups, synchronised.
+//! int4pack ops, dequantized FP32 for the FP formats) and the activation-quantizing ops
+//! (`_int_mm` for int8, `_scaled_mm` for FP8) against a libtorch FP32 matmul, at the bench shapes
+//! and M = 1, 8, 32, 128; median of 20 runs after 5 warm-ups, synchronised.
 //! Prints a note and exits 0 when there is no CUDA device.
 use mixq_kernels::torch::cuda_available;
 use mixq_kernels::{random_weight, LibtorchOp, LibtorchWeight, QLinear, WeightFormat};
@@ -51,6 +52,28 @@ fn main() -> anyhow::Result<()> {
                     tf * 1e3,
                     tf / tq,
                     q.libtorch_op()
+                );
+            }
+            // The activation-quantizing ops on the same weight: W8A8 (`_int_mm`), FP8 × FP8 (`_scaled_mm`).
+            let op = match f {
+                WeightFormat::Int8 { .. } => LibtorchOp::IntMm,
+                WeightFormat::Fp8E4M3 => LibtorchOp::ScaledMm,
+                _ => continue,
+            };
+            let lw = LibtorchWeight::new(q.weight(), op, dev)?;
+            for m in [1i64, 8, 32, 128] {
+                let x = Tensor::randn([m, k as i64], (Kind::Float, dev));
+                let tq = median(&mut || drop(lw.forward(&x).expect("low-bit op")));
+                let tf = median(&mut || drop(fp32.forward(&x).expect("fp32")));
+                println!(
+                    "{:<10} {:>11} {:>4} {:>8.3}ms {:>8.3}ms {:>7.2}x  {}",
+                    f.name(),
+                    format!("{n}x{k}"),
+                    m,
+                    tq * 1e3,
+                    tf * 1e3,
+                    tf / tq,
+                    op.name()
                 );
             }
         }

@@ -191,6 +191,77 @@ fn libtorch_cpu_lowbit_ops_agree() {
     }
 }
 
+/// Nearest E4M3 value to `v` (`|v| <= 448`), ties to the even code: an independent reference for
+/// the FP8 activations of `_scaled_mm`.
+fn e4m3_round(v: f32) -> f32 {
+    let value = |code: u32| {
+        let (e, m) = (code >> 3, code & 7);
+        if e == 0 {
+            m as f32 / 8.0 * 2f32.powi(-6)
+        } else {
+            (1.0 + m as f32 / 8.0) * 2f32.powi(e as i32 - 7)
+        }
+    };
+    // Codes 0..=126 are the finite non-negative values (127 is NaN).
+    let a = v.abs();
+    let best = (0u32..127).min_by(|&c, &d| ((value(c) - a).abs(), c & 1).partial_cmp(&((value(d) - a).abs(), d & 1)).unwrap()).unwrap();
+    value(best).copysign(v)
+}
+
+/// libtorch's activation-quantizing ops behind `LibtorchWeight`, on CPU: `_int_mm` gives
+/// `matmul_w8a8`'s result bit for bit (the same per-row INT8 activations, INT32 sums and scaling);
+/// `_scaled_mm` equals libtorch FP32 on the E4M3-rounded activations (one scale per tensor,
+/// `amax / 448`) and the dequantized weight; other formats are refused.
+#[test]
+fn libtorch_int_mm_and_scaled_mm() {
+    for &(n, k) in &[(24usize, 64usize), (5, 40), (16, 256)] {
+        let w8 = random_weight(WeightFormat::Int8 { asymmetric: false }, n, k, k, 7).unwrap();
+        let wf = random_weight(WeightFormat::Fp8E4M3, n, k, k, 8).unwrap();
+        let int_mm = LibtorchWeight::new(&w8, LibtorchOp::IntMm, Device::Cpu).unwrap();
+        let scaled_mm = LibtorchWeight::new(&wf, LibtorchOp::ScaledMm, Device::Cpu).unwrap();
+        for m in [1usize, 3, 17, 20] {
+            let x = rand_x(m, k, (n + m) as i64);
+            let xt = Tensor::from_slice(&x).reshape([m as i64, k as i64]);
+            let y = Vec::<f32>::try_from(int_mm.forward(&xt).unwrap().view([-1])).unwrap();
+            let mut want = vec![f32::NAN; m * n];
+            matmul_w8a8_isa(&x, m, &w8, &mut want, Isa::Auto).unwrap();
+            assert!(y.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "_int_mm n={n} k={k} m={m}: {y:?} vs {want:?}");
+
+            let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let s = amax / 448.0;
+            let xh: Vec<f32> = x.iter().map(|v| e4m3_round(v / s) * s).collect();
+            let (want, bound) = reference(&xh, m, &dequantized_tensor(&wf).unwrap());
+            let y = Vec::<f32>::try_from(scaled_mm.forward(&xt).unwrap().view([-1])).unwrap();
+            assert_close(&format!("_scaled_mm n={n} k={k} m={m}"), &y, &want, &bound, FP32_ORDER_RTOL);
+        }
+    }
+    // CUDA (cuBLASLt): the same results up to FP32 summation order, rows padded below 17.
+    if cuda_available() {
+        let (n, k) = (32usize, 128usize);
+        for (f, op) in [(WeightFormat::Int8 { asymmetric: false }, LibtorchOp::IntMm), (WeightFormat::Fp8E4M3, LibtorchOp::ScaledMm)] {
+            let w = random_weight(f, n, k, k, 9).unwrap();
+            let cpu = LibtorchWeight::new(&w, op, Device::Cpu).unwrap();
+            let gpu = LibtorchWeight::new(&w, op, Device::Cuda(0)).unwrap();
+            for m in [1usize, 17, 20] {
+                let x = rand_x(m, k, m as i64);
+                let xt = Tensor::from_slice(&x).reshape([m as i64, k as i64]);
+                let want = Vec::<f32>::try_from(cpu.forward(&xt).unwrap().view([-1])).unwrap();
+                let y =
+                    Vec::<f32>::try_from(gpu.forward(&xt.to_device(Device::Cuda(0))).unwrap().to_device(Device::Cpu).view([-1])).unwrap();
+                let bound: Vec<f32> = want.iter().map(|v| v.abs().max(1.0)).collect();
+                assert_close(&format!("{op:?} on CUDA, m={m}"), &y, &want, &bound, FP32_ORDER_RTOL);
+            }
+        }
+    } else {
+        eprintln!("libtorch_int_mm_and_scaled_mm: no CUDA device, CUDA part skipped");
+    }
+    let w4 = random_weight(WeightFormat::Int4 { asymmetric: false }, 8, 64, 32, 1).unwrap();
+    assert!(matches!(LibtorchWeight::new(&w4, LibtorchOp::IntMm, Device::Cpu), Err(KernelError::Unsupported(_))));
+    assert!(matches!(LibtorchWeight::new(&w4, LibtorchOp::ScaledMm, Device::Cpu), Err(KernelError::Unsupported(_))));
+    let fp8_grouped = random_weight(WeightFormat::Fp8E4M3, 8, 64, 32, 1).unwrap();
+    assert!(matches!(LibtorchWeight::new(&fp8_grouped, LibtorchOp::ScaledMm, Device::Cpu), Err(KernelError::Unsupported(_))));
+}
+
 #[test]
 fn qlinear_cpu_and_cuda() {
     let (n, k) = (24, 128);
