@@ -38,22 +38,18 @@ fn main() -> anyhow::Result<()> {
         {
             let w = random_weight(f, n, k, g, 1)?;
             let fp32 = LibtorchWeight::new(&w, LibtorchOp::Fp32, dev)?;
+            // One row per M: `forward` against libtorch FP32 on the same activations.
+            let rows = |label: &str, forward: &dyn Fn(&Tensor) -> mixq_kernels::Result<Tensor>| {
+                for m in [1i64, 8, 32, 128] {
+                    let x = Tensor::randn([m, k as i64], (Kind::Float, dev));
+                    let tq = median(&mut || drop(forward(&x).expect("low-bit op")));
+                    let tf = median(&mut || drop(fp32.forward(&x).expect("fp32")));
+                    let shape = format!("{n}x{k}");
+                    println!("{:<10} {shape:>11} {m:>4} {:>8.3}ms {:>8.3}ms {:>7.2}x  {label}", f.name(), tq * 1e3, tf * 1e3, tf / tq);
+                }
+            };
             let q = QLinear::new(w, dev)?;
-            for m in [1i64, 8, 32, 128] {
-                let x = Tensor::randn([m, k as i64], (Kind::Float, dev));
-                let tq = median(&mut || drop(q.forward(&x).expect("qlinear")));
-                let tf = median(&mut || drop(fp32.forward(&x).expect("fp32")));
-                println!(
-                    "{:<10} {:>11} {:>4} {:>8.3}ms {:>8.3}ms {:>7.2}x  {:?}",
-                    f.name(),
-                    format!("{n}x{k}"),
-                    m,
-                    tq * 1e3,
-                    tf * 1e3,
-                    tf / tq,
-                    q.libtorch_op()
-                );
-            }
+            rows(&format!("QLinear {:?}", q.libtorch_op()), &|x| q.forward(x));
             // The activation-quantizing ops on the same weight: W8A8 (`_int_mm`), FP8 × FP8 (`_scaled_mm`).
             let op = match f {
                 WeightFormat::Int8 { .. } => LibtorchOp::IntMm,
@@ -61,21 +57,7 @@ fn main() -> anyhow::Result<()> {
                 _ => continue,
             };
             let lw = LibtorchWeight::new(q.weight(), op, dev)?;
-            for m in [1i64, 8, 32, 128] {
-                let x = Tensor::randn([m, k as i64], (Kind::Float, dev));
-                let tq = median(&mut || drop(lw.forward(&x).expect("low-bit op")));
-                let tf = median(&mut || drop(fp32.forward(&x).expect("fp32")));
-                println!(
-                    "{:<10} {:>11} {:>4} {:>8.3}ms {:>8.3}ms {:>7.2}x  {}",
-                    f.name(),
-                    format!("{n}x{k}"),
-                    m,
-                    tq * 1e3,
-                    tf * 1e3,
-                    tf / tq,
-                    op.name()
-                );
-            }
+            rows(op.name(), &|x| lw.forward(x));
         }
     }
     Ok(())
