@@ -178,11 +178,7 @@ pub fn matmul_isa(x: &[f32], m: usize, w: &PackedWeight, y: &mut [f32], isa: Isa
         }
     });
     if m > 1 {
-        for (r, col) in yt.chunks_exact(m).enumerate() {
-            for (i, v) in col.iter().enumerate() {
-                y[i * w.n + r] = *v;
-            }
-        }
+        transpose_out(&yt, m, w.n, y);
     }
     Ok(())
 }
@@ -337,19 +333,23 @@ pub fn matmul_w8a8_isa(x: &[f32], m: usize, w: &PackedWeight, y: &mut [f32], isa
     }
     #[cfg(not(target_arch = "x86_64"))]
     w8a8_small_m(w, &xq, m, use_avx2, &mut yt);
-    // yt[n, m] → y[m, n] in blocks of 16 output columns (one cache line of y per row): the
-    // plain column-by-column scatter (stride n · 4 bytes) took about a tenth of the call at
-    // 4096 × 4096, M = 128.
-    for r0 in (0..w.n).step_by(16) {
-        let rb = 16.min(w.n - r0);
+    transpose_out(&yt, m, w.n, y);
+    Ok(())
+}
+
+/// `yt[n, m]` (the tasks' transposed output) → `y[m, n]`, in blocks of 16 output columns (one
+/// cache line of `y` per row): the plain column-by-column scatter (stride `n · 4` bytes) took
+/// about a tenth of a W8A8 call at 4096 × 4096, M = 128.
+fn transpose_out(yt: &[f32], m: usize, n: usize, y: &mut [f32]) {
+    for r0 in (0..n).step_by(16) {
+        let rb = 16.min(n - r0);
         let block = &yt[r0 * m..(r0 + rb) * m];
-        for (i, yr) in y.chunks_exact_mut(w.n).enumerate() {
+        for (i, yr) in y.chunks_exact_mut(n).enumerate() {
             for (jj, v) in yr[r0..r0 + rb].iter_mut().enumerate() {
                 *v = block[jj * m + i];
             }
         }
     }
-    Ok(())
 }
 
 /// From this many activation rows on, W8A8 on AVX2 widens both operands to INT16 panels and
@@ -655,11 +655,7 @@ pub fn matmul_w4a8_isa(x: &[f32], m: usize, w: &PackedWeight, y: &mut [f32], isa
         run_tasks(out, ROWS * m, m.saturating_mul(w.n).saturating_mul(k), |t, chunk| scalar_w4a8_rows(w, &xq, m, t * ROWS, chunk));
     }
     if m > 1 {
-        for (r, col) in yt.chunks_exact(m).enumerate() {
-            for (i, v) in col.iter().enumerate() {
-                y[i * w.n + r] = *v;
-            }
-        }
+        transpose_out(&yt, m, w.n, y);
     }
     Ok(())
 }
