@@ -231,6 +231,15 @@ impl Block for Fp4<'_> {
     }
 }
 
+/// The largest of the eight lanes (for non-negative lanes, as the quantizers' `|x|`).
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn hmax(v: __m256) -> f32 {
+    let m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)))
+}
+
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 unsafe fn hsum(v: __m256) -> f32 {
@@ -1078,13 +1087,10 @@ pub(crate) unsafe fn quantize_blocks_avx2(x: &[f32], codes: &mut [i8], scales: &
     for b in 0..full {
         let p = x.as_ptr().add(b * NIBBLE_BLOCK);
         let v = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))];
-        let m = _mm256_max_ps(
+        let amax = hmax(_mm256_max_ps(
             _mm256_max_ps(_mm256_and_ps(v[0], abs), _mm256_and_ps(v[1], abs)),
             _mm256_max_ps(_mm256_and_ps(v[2], abs), _mm256_and_ps(v[3], abs)),
-        );
-        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
-        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+        ));
         let d = amax / 127.0;
         let s = if d > 0.0 { d } else { 1.0 };
         scales[b] = s;
@@ -1129,9 +1135,7 @@ pub(crate) unsafe fn quantize_row_avx2(x: &[f32], codes: &mut [i8]) -> f32 {
             mv = _mm256_max_ps(mv, _mm256_and_ps(_mm256_loadu_ps(p.add(8 * i)), abs));
         }
     }
-    let m = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps::<1>(mv));
-    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    let mut amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+    let mut amax = hmax(mv);
     for v in &x[full * NIBBLE_BLOCK..] {
         amax = amax.max(v.abs());
     }
