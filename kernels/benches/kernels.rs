@@ -19,11 +19,14 @@
 //! GB/s counts the bytes of the weight a kernel reads (codes + scales + zero points; FP32 for
 //! libtorch fp32 and int8/int4pack's own storage), GFLOP/s is `2·M·N·K / t`. A GEMV streams its
 //! weights once, so the roofline of the `% read` column is a read-only pass over 256 MiB, the
-//! faster of one thread and all threads in each round (`read`, bytes summed per second); `memcpy` of the same buffer (bytes copied per second) is printed
-//! beside it for reference. Every kernel cycles through copies of its weight (at least 128 MiB
+//! faster of one thread and all threads in each round (`read`, bytes summed per second); `memcpy`
+//! of the same buffer (bytes copied per second) is printed beside it for reference. Every kernel cycles through copies of its weight (at least 128 MiB
 //! in all), so weights come from DRAM on every call, never from the last call's cache.
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
-use mixq_kernels::{matmul, matmul_w4a8, matmul_w8a8, random_weight, LibtorchOp, LibtorchWeight, PackedWeight, WeightFormat};
+use mixq_kernels::{
+    matmul, matmul_w4a8, matmul_w8a8, random_weight, read_bytes, read_bytes_all_threads, LibtorchOp, LibtorchWeight, PackedWeight,
+    WeightFormat,
+};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
@@ -173,7 +176,7 @@ fn bench_kernels(c: &mut Criterion) {
     let mut g = c.benchmark_group("roofline");
     g.throughput(Throughput::Bytes(COPY_BYTES as u64));
     g.bench_function("copy-256MiB", |b| b.iter(|| copy(&src, &mut dst)));
-    g.bench_function("read-256MiB", |b| b.iter(|| read_sum(black_box(&src))));
+    g.bench_function("read-256MiB", |b| b.iter(|| read_bytes(black_box(&src))));
     g.finish();
     drop((src, dst));
     for ((n, k), m) in cases() {
@@ -190,19 +193,6 @@ fn bench_kernels(c: &mut Criterion) {
 fn copy(src: &[u8], dst: &mut [u8]) {
     black_box(&mut *dst).copy_from_slice(black_box(src));
     black_box(dst);
-}
-
-/// The bytes of `v` summed as `u64` on one thread.
-fn read_sum(v: &[u8]) -> u64 {
-    v.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).fold(0, u64::wrapping_add)
-}
-
-/// [`read_sum`] on all of rayon's threads, each a contiguous range as the kernels' tasks. On this
-/// 2-core VM it is not faster than one thread (20.8 against 26–27 GB/s medians, 2026-11-29), so
-/// the summary's roofline is the faster of the two, timed in the same round.
-fn read_sum_all_threads(v: &[u8]) -> u64 {
-    use rayon::prelude::*;
-    v.par_chunks(1 << 20).map(read_sum).reduce(|| 0, u64::wrapping_add)
 }
 
 /// Rounds of the summary (`MIXQ_BENCH_ROUNDS`, default 15).
@@ -244,12 +234,14 @@ fn summary() {
     let src = vec![1u8; COPY_BYTES];
     let mut dst = vec![0u8; COPY_BYTES];
     let mut read_one = || {
-        black_box(read_sum(black_box(&src)));
+        black_box(read_bytes(black_box(&src)));
     };
     let mut read_all = || {
-        black_box(read_sum_all_threads(black_box(&src)));
+        black_box(read_bytes_all_threads(black_box(&src)));
     };
-    // The faster of a one-thread and an all-threads read of the 256 MiB, in bytes per second.
+    // The faster of a one-thread and an all-threads read of the 256 MiB, in bytes per second (on
+    // this 2-core VM all threads were not faster than one: 20.8 against 26–27 GB/s medians,
+    // 2026-11-29).
     let mut read_pass = || COPY_BYTES as f64 / time_reps(&mut read_one, 1).min(time_reps(&mut read_all, 1));
     read_pass();
     let copy_gbs = COPY_BYTES as f64 / median_of((0..5).map(|_| time_reps(&mut || copy(&src, &mut dst), 1)).collect()) / 1e9;

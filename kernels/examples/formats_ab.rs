@@ -10,7 +10,7 @@
 //! `MIXQ_AB_NO_FLUSH=1` skips the evicting read (decode throughput in cache).
 //! Usage: `cargo run --release -p mixq-kernels --example formats_ab -- [N K M ROUNDS KERNELS]`
 //! (defaults 4096 4096 1 41 w8,fp8,w8a8,fp4,torch-fp32; `torch-fp32` is always timed).
-use mixq_kernels::{matmul, matmul_w8a8, random_weight, LibtorchOp, LibtorchWeight, WeightFormat};
+use mixq_kernels::{matmul, matmul_w8a8, random_weight, read_bytes, LibtorchOp, LibtorchWeight, WeightFormat};
 use std::hint::black_box;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
@@ -41,7 +41,6 @@ fn main() -> anyhow::Result<()> {
     names.extend(list.split(',').filter(|s| ["w8", "fp8", "w8a8", "fp4"].contains(s)));
     let src = vec![1u8; 256 << 20];
     let flush = vec![2u8; 64 << 20];
-    let sum = |v: &[u8]| v.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).fold(0, u64::wrapping_add);
     // MIXQ_AB_NO_FLUSH=1 leaves out the evicting read: small weights stay in cache, which
     // measures the decode throughput rather than the memory.
     let no_flush = std::env::var("MIXQ_AB_NO_FLUSH").is_ok();
@@ -50,12 +49,12 @@ fn main() -> anyhow::Result<()> {
     for round in 0..rounds + 2 {
         for ((name, ts), cs) in names.iter().zip(t.iter_mut()).zip(c.iter_mut()) {
             if *name != "read-256MiB" && !no_flush {
-                black_box(sum(&flush));
+                black_box(read_bytes(&flush));
             }
             let c0 = cpu_s();
             let s = Instant::now();
             match *name {
-                "read-256MiB" => drop(black_box(sum(&src))),
+                "read-256MiB" => drop(black_box(read_bytes(&src))),
                 "torch-fp32" => drop(black_box(fp32.forward(&xt)?)),
                 "w8" => matmul(black_box(&x), m, &w8, &mut y)?,
                 "fp8" => matmul(black_box(&x), m, &fp8, &mut y)?,

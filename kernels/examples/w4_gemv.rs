@@ -10,7 +10,7 @@
 //! `MIXQ_AB_B2B=R`: each sample is the mean of R back-to-back calls of one kernel on one weight,
 //! as ggml's `test-backend-ops perf` times (with `MIXQ_AB_SKIP_READ=1`, its protocol exactly:
 //! what stays in L3 from the previous call of the same kernel is reused).
-use mixq_kernels::{matmul, matmul_w4a8, random_weight, LibtorchOp, LibtorchWeight, WeightFormat};
+use mixq_kernels::{matmul, matmul_w4a8, random_weight, read_bytes, LibtorchOp, LibtorchWeight, WeightFormat};
 use std::hint::black_box;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
@@ -47,17 +47,13 @@ fn main() -> anyhow::Result<()> {
                 continue;
             }
             if idx > 0 && !skip_read {
-                black_box(flush.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).fold(0, u64::wrapping_add));
+                black_box(read_bytes(&flush));
             }
             let reps = if idx == 0 { 1 } else { b2b };
             let s = Instant::now();
             for _ in 0..reps {
                 match idx {
-                    0 => {
-                        black_box(
-                            src.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).fold(0, u64::wrapping_add),
-                        );
-                    }
+                    0 => drop(black_box(read_bytes(&src))),
                     1 => matmul(black_box(&x), m, &w4, &mut y)?,
                     2 => matmul_w4a8(black_box(&x), m, &w4, &mut y)?,
                     3 => matmul_w4a8(black_box(&x), m, &w4a, &mut y)?,
@@ -110,8 +106,7 @@ fn main() -> anyhow::Result<()> {
 /// kernels' tasks.
 fn read_all_threads(w: &mixq_kernels::PackedWeight) -> u64 {
     use rayon::prelude::*;
-    let sum = |b: &[u8]| b.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).fold(0, u64::wrapping_add);
-    let codes: u64 = w.data().par_chunks(64 << 10).map(sum).reduce(|| 0, u64::wrapping_add);
+    let codes: u64 = w.data().par_chunks(64 << 10).map(read_bytes).reduce(|| 0, u64::wrapping_add);
     let scales: u64 = w
         .scales()
         .par_chunks(16 << 10)

@@ -36,5 +36,5 @@ pub use gemm::{
     quantize_activations_blocks, selected_isa, BlockQuantizedActivations, Isa, QuantizedActivations, ACT_BLOCK,
 };
 pub use pack::{PackedWeight, WeightFormat};
-pub use timing::{random_weight, time_shape, Timing, TimingOptions};
+pub use timing::{random_weight, read_bytes, read_bytes_all_threads, time_shape, Timing, TimingOptions};
 pub use torch::{LibtorchOp, LibtorchWeight, QLinear};

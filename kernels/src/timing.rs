@@ -80,6 +80,19 @@ fn measure(opts: TimingOptions, mut f: impl FnMut() -> Result<()>) -> Result<Tim
     Ok(Timing { median_s: t[t.len() / 2], min_s: t[0], max_s: t[t.len() - 1], repeats: t.len() })
 }
 
+/// The bytes of `v` summed as wrapping `u64`s, on one thread: a read-only pass over memory, the
+/// roofline of the benchmarks and A/B tools (and the evicting read before a cold call).
+pub fn read_bytes(v: &[u8]) -> u64 {
+    v.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).fold(0, u64::wrapping_add)
+}
+
+/// [`read_bytes`] on all of rayon's threads, each a contiguous range of 1 MiB pieces (as the
+/// kernels' tasks).
+pub fn read_bytes_all_threads(v: &[u8]) -> u64 {
+    use rayon::prelude::*;
+    v.par_chunks(1 << 20).map(read_bytes).reduce(|| 0, u64::wrapping_add)
+}
+
 /// A random packed weight `[n, k]` (uniform codes over the whole grid, scales in `[0.5, 1.5) / 64`),
 /// deterministic in `seed`. Errors when `group` does not divide `k`.
 pub fn random_weight(format: WeightFormat, n: usize, k: usize, group: usize, seed: u64) -> Result<PackedWeight> {
