@@ -152,7 +152,7 @@ fn apply_then_restore_gives_back_the_exact_weights() {
     let c = QuantConfig::uniform(LayerSetting { weight: Format::Int { bits: 2, signed: true }, ..Default::default() });
     let plan = c.resolve(&model).unwrap();
     {
-        let _applied = mixq::eval::apply(&model, &plan).unwrap();
+        let _applied = mixq::model::apply(&model, &plan).unwrap();
         let changed = model.named_parameters().iter().zip(&before).any(|((_, t), b)| !t.equal(b));
         assert!(changed, "int2 must change some weight");
     }

@@ -5,10 +5,10 @@
 mod common;
 
 use anyhow::Result;
-use mixq::config::ResolvedLayer;
 use mixq::model::data::Dataset;
 use mixq::model::torchscript::TorchScriptModel;
 use mixq::model::zoo::DigitsResNet;
+use mixq::model::ResolvedLayer;
 use mixq::model::{LayerInfo, LayerKind, QuantModel};
 use mixq::quant::{Format, Granularity, QuantSpec};
 use mixq::sensitivity::proxies::{measured_delta_loss, measured_delta_loss_auto, measured_delta_loss_jobs};
@@ -104,13 +104,13 @@ fn check_replica(model: &dyn QuantModel, x: &Tensor) -> Result<()> {
     assert!(replica.weight(&layer.name)?.equal(&w));
     assert!(tch::no_grad(|| replica.forward(x))?.equal(&y), "{}: the replica's outputs differ", model.name());
     // Quantizing the replica leaves the model unchanged.
-    let applied = mixq::eval::apply(replica.as_ref(), &quantize_plan(&layer))?;
+    let applied = mixq::model::apply(replica.as_ref(), &quantize_plan(&layer))?;
     assert!(!replica.weight(&layer.name)?.equal(&w), "int2 changes the weight");
     assert!(model.weight(&layer.name)?.equal(&w), "{}: quantizing the replica changed the model", model.name());
     assert!(tch::no_grad(|| model.forward(x))?.equal(&y));
     applied.restore();
     // A replica of a modified model has the modification, and keeps it when the model is restored.
-    let applied = mixq::eval::apply(model, &quantize_plan(&layer))?;
+    let applied = mixq::model::apply(model, &quantize_plan(&layer))?;
     let wq = model.weight(&layer.name)?.detach().copy();
     let replica = model.replicate()?;
     applied.restore();

@@ -10,7 +10,7 @@ pub mod sensitivity;
 pub mod table;
 
 use crate::config::{LayerSetting, QuantConfig};
-use crate::eval::{self, EvalReport, Reference, SizeReport};
+use crate::eval::{self, Metrics, Reference, SizeReport};
 use crate::model::{self, data::Dataset, QuantModel};
 use crate::quant::{Format, Granularity, QuantSpec};
 use anyhow::{Context, Result};
@@ -199,8 +199,8 @@ fn report_json(
     model: &dyn QuantModel,
     data: &Dataset,
     config: &str,
-    fp32: &EvalReport,
-    q: &EvalReport,
+    fp32: &Metrics,
+    q: &Metrics,
     size: &SizeReport,
 ) -> serde_json::Value {
     json!({
@@ -215,7 +215,7 @@ fn report_json(
     })
 }
 
-pub(crate) fn metrics_row(label: String, r: &EvalReport, size: &SizeReport) -> Vec<String> {
+pub(crate) fn metrics_row(label: String, r: &Metrics, size: &SizeReport) -> Vec<String> {
     vec![
         label,
         format!("{:.2}", size.avg_bits),

@@ -6,7 +6,7 @@ use super::allocate::{constraints, costs, ConstraintArgs, CostArgs};
 use super::table::Table;
 use super::{metrics_row, progress};
 use crate::alloc::{breakpoints, compare_allocations, solve_problem, Allocation, Budget, Limit, Problem, Resource, SolverKind};
-use crate::eval::{self, EvalReport, Reference, SizeReport};
+use crate::eval::{self, Metrics, Reference, SizeReport};
 use crate::model::data::Dataset;
 use crate::model::QuantModel;
 use anyhow::{bail, Context, Result};
@@ -67,7 +67,7 @@ struct Point {
     /// number of layers whose format differs from that nominal optimum.
     robust: Option<(f64, f64, usize)>,
     /// Under --eval: the measured quality.
-    measured: Option<(EvalReport, SizeReport)>,
+    measured: Option<(Metrics, SizeReport)>,
 }
 
 fn mix(alloc: &Allocation) -> String {

@@ -12,7 +12,7 @@
 //! The JSON Schema of the file is `src/config/quant-config.v1.schema.json`.
 
 use crate::error::{Error, Result};
-use crate::model::{LayerInfo, QuantModel};
+use crate::model::{QuantModel, ResolvedLayer};
 use crate::quant::{Clipping, Format, Granularity, QuantSpec, ScaleType};
 use regex::Regex;
 use serde::{Deserialize, Serialize};
@@ -118,19 +118,6 @@ pub struct QuantConfig {
     /// source and hash. Free-form; written by the stage that made the config.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub provenance: BTreeMap<String, serde_json::Value>,
-}
-
-/// The resolved quantization of one layer.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ResolvedLayer {
-    /// The layer.
-    pub layer: LayerInfo,
-    /// Weight quantization.
-    pub weight: QuantSpec,
-    /// Input activation format, if quantized.
-    pub activation: Option<Format>,
-    /// Where the setting came from: `layers`, `rules[i]` or `default`.
-    pub source: String,
 }
 
 impl QuantConfig {

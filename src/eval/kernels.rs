@@ -1,6 +1,6 @@
 //! Evaluation through the real low-bit kernels of `mixq-kernels`, not fake quantization.
 //!
-//! Fake quantization ([`crate::eval::apply`]) runs the FP32 model on rounded weights: it measures
+//! Fake quantization ([`crate::model::apply`]) runs the FP32 model on rounded weights: it measures
 //! what the *numbers* of a format cost, but not what a deployment computes. This module runs each
 //! quantized layer through a packed weight and the kernels' GEMM ([`QLinear`]): the weight is
 //! quantized by [`quantize`] into codes and scales, packed (two int4 / FP4 codes per byte, one
@@ -28,15 +28,16 @@
 //! agree to [`REPLAY_RTOL`]), so a change of the zoo architecture is an error, not a silent
 //! mismatch. TorchScript modules are opaque to mixq (no hooks) and are rejected with a message.
 
-use crate::config::{QuantConfig, ResolvedLayer};
+use crate::config::QuantConfig;
 use crate::cost::spec_label;
 use crate::error::{Error, Result};
-use crate::eval::metrics::{evaluate, logits, model_size, EvalReport, Reference, SizeReport};
+use crate::eval::metrics::{evaluate, logits, model_size, Metrics, Reference, SizeReport};
 use crate::model::data::Dataset;
+use crate::model::ResolvedLayer;
 use crate::model::{LayerInfo, LayerKind, QuantModel};
 use crate::quant::{fake_quantize, fake_quantize_activation, out_inner, quantize, Format, Granularity, QuantSpec};
 use mixq_kernels::{KernelError, PackedWeight, QLinear, WeightFormat};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
@@ -117,7 +118,7 @@ pub fn pack_weight(layer: &str, w: &Tensor, spec: &QuantSpec) -> Result<PackedWe
 }
 
 /// How one layer runs in a [`KernelModel`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum LayerPath {
     /// Packed weight and the kernels' GEMM (im2col for convolutions).
@@ -402,7 +403,7 @@ impl QuantModel for KernelModel<'_> {
 }
 
 /// One layer of a [`KernelEval`].
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct KernelLayerReport {
     /// Layer name.
     pub layer: String,
@@ -413,10 +414,10 @@ pub struct KernelLayerReport {
 }
 
 /// A config evaluated through the kernels, with its agreement with fake quantization.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct KernelEval {
     /// Accuracy, loss, KL and agreement vs FP32 of the model run through the kernels.
-    pub report: EvalReport,
+    pub report: Metrics,
     /// How each layer ran.
     pub layers: Vec<KernelLayerReport>,
     /// Largest |logit(kernels) − logit(fake quantization)| over the data.
@@ -451,7 +452,7 @@ impl Drop for OneTorchThread {
     }
 }
 
-/// Logits of `model` under `config` with fake quantization ([`crate::eval::apply`]), and through
+/// Logits of `model` under `config` with fake quantization ([`crate::model::apply`]), and through
 /// the kernels ([`KernelModel`]), over `data`.
 pub fn logits_fake_and_kernels(model: &dyn QuantModel, data: &Dataset, config: &QuantConfig) -> Result<(Tensor, Tensor)> {
     let plan = config.resolve(model)?;
@@ -460,7 +461,7 @@ pub fn logits_fake_and_kernels(model: &dyn QuantModel, data: &Dataset, config: &
         let _threads = OneTorchThread::new();
         logits(&km, data)?
     };
-    let applied = crate::eval::apply(model, &plan)?;
+    let applied = crate::model::apply(model, &plan)?;
     let fake = logits(model, data);
     applied.restore();
     Ok((fake?, kernels))
@@ -491,7 +492,7 @@ pub fn evaluate_config_kernels(
             msg: format!("kernel evaluation recorded {:?} logits for {} samples", kernels.size(), report.samples),
         });
     }
-    let applied = crate::eval::apply(model, &plan)?;
+    let applied = crate::model::apply(model, &plan)?;
     let fake = logits(model, data);
     applied.restore();
     let fake = fake?;

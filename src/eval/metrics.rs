@@ -1,11 +1,12 @@
 //! Accuracy, loss, KL divergence and top-1 agreement against the FP32 model, and model size.
 
-use crate::config::{QuantConfig, ResolvedLayer};
+use crate::config::QuantConfig;
 use crate::error::Result;
 use crate::model::data::Dataset;
 use crate::model::loss::kl_divergence;
 use crate::model::QuantModel;
-use serde::Serialize;
+use crate::model::ResolvedLayer;
+use serde::{Deserialize, Serialize};
 use tch::{Kind, Reduction, Tensor};
 
 /// Batch size of evaluation forward passes.
@@ -25,7 +26,7 @@ impl Reference {
 }
 
 /// What a config costs in storage.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct SizeReport {
     /// Bytes of all parameters: quantizable weights under the config (scales and zero points
     /// included), everything else (biases, norms) in FP32.
@@ -51,8 +52,8 @@ pub fn model_size(model: &dyn QuantModel, plan: &[ResolvedLayer]) -> SizeReport 
 }
 
 /// The quality of a (quantized) model on a dataset, relative to its FP32 self.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-pub struct EvalReport {
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Metrics {
     /// Number of samples.
     pub samples: i64,
     /// Top-1 accuracy in [0, 1], when the data has labels.
@@ -75,7 +76,7 @@ pub fn logits(model: &dyn QuantModel, data: &Dataset) -> Result<Tensor> {
 }
 
 /// Evaluates the model as it is now (apply a config first to evaluate it) against `reference`.
-pub fn evaluate(model: &dyn QuantModel, data: &Dataset, reference: &Reference) -> Result<EvalReport> {
+pub fn evaluate(model: &dyn QuantModel, data: &Dataset, reference: &Reference) -> Result<Metrics> {
     let out = logits(model, data)?;
     let n = out.size()[0];
     let pred = out.argmax(-1, false);
@@ -89,7 +90,7 @@ pub fn evaluate(model: &dyn QuantModel, data: &Dataset, reference: &Reference) -
         ),
         None => (None, kl),
     };
-    Ok(EvalReport { samples: n, accuracy, loss, kl, agreement })
+    Ok(Metrics { samples: n, accuracy, loss, kl, agreement })
 }
 
 /// Resolves `config` for `model`, applies it, evaluates, and restores the FP32 weights.
@@ -98,10 +99,10 @@ pub fn evaluate_config(
     data: &Dataset,
     reference: &Reference,
     config: &QuantConfig,
-) -> Result<(EvalReport, SizeReport)> {
+) -> Result<(Metrics, SizeReport)> {
     let plan = config.resolve(model)?;
     let size = model_size(model, &plan);
-    let applied = crate::eval::apply(model, &plan)?;
+    let applied = crate::model::apply(model, &plan)?;
     let report = evaluate(model, data, reference);
     applied.restore();
     Ok((report?, size))

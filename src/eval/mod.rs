@@ -4,9 +4,7 @@
 //! quantization for native models), and puts the FP32 weights back when the guard it returns is
 //! dropped. [`metrics`] runs the model over a dataset and compares it with its FP32 self.
 
-pub mod apply;
 pub mod kernels;
 pub mod metrics;
 
-pub use apply::{apply, Applied};
-pub use metrics::{evaluate, evaluate_config, model_size, EvalReport, Reference, SizeReport};
+pub use metrics::{evaluate, evaluate_config, model_size, Metrics, Reference, SizeReport};

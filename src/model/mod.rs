@@ -3,10 +3,11 @@
 //!
 //! A model exposes its quantizable layers (conv, linear and embedding weights) by their fully
 //! qualified PyTorch names, a forward pass, and its parameters. Weight quantization is done from
-//! outside by rewriting weight tensors in place (see [`crate::eval::apply`]), so it works the same
+//! outside by rewriting weight tensors in place (see [`apply`]), so it works the same
 //! for every model; activation quantization needs hooks inside the forward pass and is offered by
 //! native models only.
 
+pub mod apply;
 pub mod data;
 pub mod loss;
 pub mod torchscript;
@@ -16,6 +17,8 @@ use crate::error::{Error, Result};
 use crate::quant::Format;
 use crate::sensitivity::activation::InputHooks;
 use serde::{Deserialize, Serialize};
+
+pub use apply::{apply, Applied, ResolvedLayer};
 use tch::{Kind, Tensor};
 
 /// The kind of a quantizable layer.

@@ -17,8 +17,8 @@
 //! `Sync`, so threads never share one), and runs libtorch with one intra-op thread.
 
 use super::hvp::{mean_loss, Batch, HvpEngine};
-use crate::config::ResolvedLayer;
 use crate::error::{Error, Result};
+use crate::model::ResolvedLayer;
 use crate::model::{LayerInfo, QuantModel};
 use crate::quant::{fake_quantize, QuantSpec};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -108,7 +108,7 @@ impl Drop for TorchThreads {
 /// Loss of `model` with only `layer` quantized to `spec` (the weight is restored afterwards).
 fn quantized_loss(model: &dyn QuantModel, batches: &[Batch], layer: &LayerInfo, spec: &QuantSpec) -> Result<f64> {
     let plan = [ResolvedLayer { layer: layer.clone(), weight: *spec, activation: None, source: "sensitivity".into() }];
-    let applied = crate::eval::apply(model, &plan)?;
+    let applied = crate::model::apply(model, &plan)?;
     let l = mean_loss(model, batches);
     applied.restore();
     l

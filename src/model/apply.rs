@@ -1,10 +1,23 @@
-//! Applying a resolved config to a model, and undoing it.
+//! Applying a per-layer quantization to a model, and undoing it: the model capability that
+//! every stage which measures a quantized model uses (evaluation, measured ΔL, kernels checks).
 
-use crate::config::ResolvedLayer;
 use crate::error::Result;
-use crate::model::QuantModel;
-use crate::quant::fake_quantize;
+use crate::model::{LayerInfo, QuantModel};
+use crate::quant::{fake_quantize, Format, QuantSpec};
 use tch::Tensor;
+
+/// The resolved quantization of one layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolvedLayer {
+    /// The layer.
+    pub layer: LayerInfo,
+    /// Weight quantization.
+    pub weight: QuantSpec,
+    /// Input activation format, if quantized.
+    pub activation: Option<Format>,
+    /// Where the setting came from: `layers`, `rules[i]` or `default`.
+    pub source: String,
+}
 
 /// A model with a config applied. Dropping it (or calling [`Applied::restore`]) puts back the
 /// FP32 weights bit for bit and switches activation quantization off again.
