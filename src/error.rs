@@ -86,6 +86,18 @@ pub enum Error {
     /// An error raised inside libtorch.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    /// An error of the low-bit kernels (mixq-kernels).
+    #[error("kernels: {0}")]
+    Kernel(#[from] mixq_kernels::KernelError),
+    /// Another error, with what was being done when it happened (printed as
+    /// `context: error`, the chain `anyhow` prints with `{:#}`).
+    #[error("{context}")]
+    Context {
+        /// What was being done, e.g. ``loading data `digits:calib` ``.
+        context: String,
+        /// The error.
+        source: Box<Error>,
+    },
 }
 
 fn suggest(closest: &[String]) -> String {
@@ -111,6 +123,10 @@ impl Error {
     /// An invalid value for `field`.
     pub fn invalid(field: impl Into<String>, value: impl Into<String>, msg: impl Into<String>) -> Self {
         Error::Invalid { field: field.into(), value: value.into(), msg: msg.into() }
+    }
+    /// This error with what was being done when it happened.
+    pub fn context(self, context: impl Into<String>) -> Self {
+        Error::Context { context: context.into(), source: Box::new(self) }
     }
     /// An unknown layer name, with the closest names among `known` as suggestions.
     pub fn unknown_layer<'a>(name: &str, known: impl IntoIterator<Item = &'a str>) -> Self {

@@ -12,6 +12,8 @@ pub mod cost;
 pub mod error;
 pub mod eval;
 pub mod model;
+pub mod pipeline;
+pub mod plot;
 pub mod quant;
 pub mod sensitivity;
 pub mod util;

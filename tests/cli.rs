@@ -173,13 +173,11 @@ fn search_writes_a_config_within_budget() {
     assert!(!cfg2.exists());
 }
 
-/// Reads a CSV written by `mixq pareto`: the header and the rows as strings.
+/// Reads a CSV written by `mixq pareto` (through the library's reader, which checks its
+/// format line): the header and the rows as strings.
 fn read_csv(path: &Path) -> (Vec<String>, Vec<Vec<String>>) {
-    let text = std::fs::read_to_string(path).unwrap();
-    let mut lines = text.lines();
-    let header: Vec<String> = lines.next().unwrap().split(',').map(str::to_string).collect();
-    let rows = lines.map(|l| l.split(',').map(str::to_string).collect()).collect();
-    (header, rows)
+    let csv = mixq::pipeline::pareto::FrontCsv::load(path).unwrap();
+    (csv.header, csv.rows)
 }
 
 fn col(header: &[String], rows: &[Vec<String>], name: &str) -> Vec<f64> {

@@ -614,7 +614,7 @@ fn activation_estimator_gives_finite_traces_and_refuses_torchscript() -> Result<
     let again = estimate(&model, &data, &s, &mut |_| {})?;
     assert_eq!(r.to_json(), again.to_json());
     assert_eq!(SensitivityReport::from_json(&r.to_json(), Path::new("r.json"))?, r);
-    let table = mixq::cli::sensitivity::render(&r);
+    let table = mixq::cli::render::sensitivity(&r);
     assert!(table.contains("act trace ± 95% CI") && table.contains("act Tr/n"), "{table}");
     // Old reports (no activation fields) still load, and write no activation fields.
     let plain = estimate(&model, &data, &SensitivitySettings { estimators: vec![Estimator::Fisher], ..s.clone() }, &mut |_| {})?;

@@ -68,7 +68,7 @@ pub trait Solver {
 }
 
 /// Which solver [`solve`] uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum SolverKind {
     /// Exact branch-and-bound with one budget (or none), HiGHS otherwise.

@@ -1,14 +1,11 @@
 //! `mixq sensitivity`: per-layer curvature and proxies → a `mixq.sensitivity-report` JSON;
 //! cached, resumable, shardable; `mixq sensitivity merge` pools shards.
 
+use super::args::ModelArgs;
 use super::progress;
-use super::table::{thousands, Table};
-use super::ModelArgs;
-use crate::model::data::Dataset;
-use crate::model::QuantModel;
 use crate::quant::{Format, Granularity};
 use crate::sensitivity::{
-    self, Curvature, EigenSettings, Estimated, Estimator, Origin, RunOptions, SensitivityReport, SensitivitySettings, Shard, TraceSettings,
+    self, Curvature, EigenSettings, Estimator, Origin, Progress, RunOptions, SensitivityReport, SensitivitySettings, Shard, TraceSettings,
 };
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
@@ -176,40 +173,34 @@ fn run_options(a: &SensitivityArgs) -> Result<RunOptions> {
     })
 }
 
-/// Estimates with the report cache and checkpoints (what `mixq sensitivity` and `mixq search`
-/// share): a progress bar while probing, and a line on stderr when the report comes from the
-/// cache or a checkpoint.
-pub fn estimate_cached(
-    model: &dyn QuantModel,
-    data: &Dataset,
-    settings: &SensitivitySettings,
-    opts: &RunOptions,
-    what: &str,
-) -> Result<Estimated> {
-    let t = &settings.trace;
+/// A progress bar of the trace estimators' probes (hidden when stderr is not a terminal) and the
+/// callback that moves it.
+pub fn probe_progress(t: &TraceSettings, what: &str) -> (indicatif::ProgressBar, impl FnMut(&Progress)) {
     let bar = progress::bar(t.shard.share(t.max_probes), what);
-    let est = sensitivity::estimate_with(model, data, settings, opts, &mut |p| {
-        bar.set_position(p.probes);
-        bar.set_message(if p.worst_rel_ci.is_finite() && p.worst_rel_ci > 0.0 {
+    let b = bar.clone();
+    let update = move |p: &Progress| {
+        b.set_position(p.probes);
+        b.set_message(if p.worst_rel_ci.is_finite() && p.worst_rel_ci > 0.0 {
             format!("worst layer CI ±{:.1} %, {} converged", 100.0 * p.worst_rel_ci, p.converged)
         } else {
             format!("{} converged", p.converged)
         });
-    })
-    .with_context(|| format!("sensitivity of {} on {}", model.name(), data.name))?;
-    bar.finish_and_clear();
-    match &est.origin {
+    };
+    (bar, update)
+}
+
+/// The line on stderr when a report comes from the cache or a checkpoint.
+pub fn print_origin(model: &str, origin: &Origin) {
+    match origin {
         Origin::Cached(p) => eprintln!(
-            "{}: reusing the cached sensitivity report {} (same weights, data and settings; --no-cache recomputes)",
-            model.name(),
+            "{model}: reusing the cached sensitivity report {} (same weights, data and settings; --no-cache recomputes)",
             p.display()
         ),
         Origin::Resumed { checkpoint, probes } => {
-            eprintln!("{}: resumed after {probes} probes from the checkpoint {}", model.name(), checkpoint.display())
+            eprintln!("{model}: resumed after {probes} probes from the checkpoint {}", checkpoint.display())
         }
         Origin::Computed => {}
     }
-    Ok(est)
 }
 
 /// Runs `mixq sensitivity`.
@@ -219,9 +210,13 @@ pub fn run(a: SensitivityArgs) -> Result<()> {
     }
     let settings = settings(&a)?;
     let opts = run_options(&a)?;
-    let (model, data) = super::load(&ModelArgs { model: a.model.clone(), data: a.data.clone() })?;
+    let (model, data) = super::args::load(&ModelArgs { model: a.model.clone(), data: a.data.clone() })?;
     let start = Instant::now();
-    let est = estimate_cached(model.as_ref(), &data, &settings, &opts, "probes")?;
+    let (bar, mut progress) = probe_progress(&settings.trace, "probes");
+    let est = sensitivity::estimate_with(model.as_ref(), &data, &settings, &opts, &mut progress)
+        .with_context(|| format!("sensitivity of {} on {}", model.name(), data.name))?;
+    bar.finish_and_clear();
+    print_origin(model.name(), &est.origin);
     let report = &est.report;
     let elapsed = start.elapsed().as_secs_f64();
     if let Some(out) = &a.output {
@@ -244,7 +239,7 @@ pub fn run(a: SensitivityArgs) -> Result<()> {
         print!("{}", est.json);
         return Ok(());
     }
-    print!("{}", render(report));
+    print!("{}", super::render::sensitivity(report));
     if let Some(out) = &a.output {
         println!("report written to {}", out.display());
     }
@@ -270,103 +265,7 @@ fn merge(m: MergeArgs) -> Result<()> {
         print!("{}", merged.to_json());
         return Ok(());
     }
-    print!("{}", render(&merged));
+    print!("{}", super::render::sensitivity(&merged));
     println!("report written to {}", m.output.display());
     Ok(())
-}
-
-/// The per-layer table: the columns of the estimators that ran.
-pub fn render(r: &SensitivityReport) -> String {
-    let has_trace = r.layers.iter().any(|l| l.trace.is_some());
-    let has_fisher = r.layers.iter().any(|l| l.fisher_trace.is_some());
-    let has_eig = r.layers.iter().any(|l| l.top_eigenvalue.is_some());
-    let has_act = r.layers.iter().any(|l| l.activation_trace.is_some());
-    let measured: Vec<String> = r.layers.first().map(|l| l.measured_delta_loss.keys().cloned().collect()).unwrap_or_default();
-    let mut head: Vec<String> = vec!["layer".into(), "params".into()];
-    if has_trace {
-        head.extend(["trace ± 95% CI".into(), "Tr/n".into(), "probes".into(), "converged".into()]);
-    }
-    if has_fisher {
-        head.push("Fisher tr".into());
-    }
-    if has_eig {
-        head.push("top eig".into());
-    }
-    if has_act {
-        head.extend(["act trace ± 95% CI".into(), "act Tr/n".into(), "act probes".into(), "act conv".into()]);
-    }
-    head.extend(measured.iter().map(|f| format!("ΔL {f}")));
-    let right: Vec<bool> = head.iter().map(|h| h != "layer" && h != "converged" && h != "act conv").collect();
-    let head_ref: Vec<&str> = head.iter().map(String::as_str).collect();
-    let mut t = Table::new(&head_ref, &right);
-    for l in &r.layers {
-        let mut row = vec![l.name.clone(), thousands(l.params)];
-        if has_trace {
-            let ci = l.extra.get("trace_ci95").and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
-            row.push(l.trace.map(|t| format!("{t:.4e} ± {ci:.1e}")).unwrap_or_else(|| "—".into()));
-            row.push(l.trace_per_param().map(|t| format!("{t:.3e}")).unwrap_or_else(|| "—".into()));
-            row.push(l.probes.to_string());
-            row.push(if l.converged { "yes".into() } else { "NO".into() });
-        }
-        if has_fisher {
-            row.push(l.fisher_trace.map(|t| format!("{t:.3e}")).unwrap_or_else(|| "—".into()));
-        }
-        if has_eig {
-            row.push(l.top_eigenvalue.map(|t| format!("{t:.3e}")).unwrap_or_else(|| "—".into()));
-        }
-        if has_act {
-            let ci = l.extra.get("activation_trace_ci95").and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
-            row.push(l.activation_trace.map(|t| format!("{t:.4e} ± {ci:.1e}")).unwrap_or_else(|| "—".into()));
-            row.push(l.activation_trace_per_element().map(|t| format!("{t:.3e}")).unwrap_or_else(|| "—".into()));
-            row.push(l.activation_probes.map(|p| p.to_string()).unwrap_or_else(|| "—".into()));
-            row.push(match l.activation_converged {
-                Some(true) => "yes".into(),
-                Some(false) => "NO".into(),
-                None => "—".into(),
-            });
-        }
-        for f in &measured {
-            row.push(l.measured_delta_loss.get(f).map(|v| format!("{v:.2e}")).unwrap_or_else(|| "—".into()));
-        }
-        t.row(row);
-    }
-    let mut s = format!(
-        "{} on {} ({} estimators: {}, seed {})\n",
-        r.model,
-        r.data,
-        r.settings["curvature"].as_str().unwrap_or("?"),
-        r.settings["estimators"].as_array().map(|a| a.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(", ")).unwrap_or_default(),
-        r.settings["seed"]
-    );
-    s.push_str(&t.render("  "));
-    if let Some(tt) = &r.total_trace {
-        // Its own standard error, from per-probe samples of the total: the layers' samples are
-        // correlated, so the per-layer errors do not add up to it.
-        s.push_str(&format!(
-            "total trace over the {} layers: {:.4e} ± {:.1e} (95% CI; s.e. {:.1e} from {} per-probe totals)\n",
-            r.layers.len(),
-            tt.trace,
-            tt.ci95,
-            tt.std_err,
-            tt.probes
-        ));
-    }
-    let unconverged = r.layers.iter().filter(|l| l.trace.is_some() && !l.converged).count();
-    if unconverged > 0 {
-        s.push_str(&format!(
-            "{unconverged} layer(s) did not reach the tolerance within {} probes: raise --max-probes or --tol\n",
-            r.settings["max_probes"]
-        ));
-    }
-    let act_unconverged = r.layers.iter().filter(|l| l.activation_converged == Some(false)).count();
-    if act_unconverged > 0 {
-        s.push_str(&format!(
-            "{act_unconverged} layer(s) did not reach the tolerance on the activation trace within {} probes: raise --max-probes or --tol\n",
-            r.settings["max_probes"]
-        ));
-    }
-    if r.layers.iter().any(|l| l.trace.is_some_and(|t| t < 0.0)) {
-        s.push_str("negative traces are reported as measured; the cost model clamps them at 0 (or use --curvature ggn)\n");
-    }
-    s
 }

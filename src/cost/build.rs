@@ -14,7 +14,7 @@ use std::str::FromStr;
 use tch::{Kind, Tensor};
 
 /// Which predicted loss increase Ω a cost table uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Proxy {
     /// HAWQ-V2/V3: (Tr(H_i)/n_i)·‖Q_f(W_i) − W_i‖² (needs `trace`).
     #[default]
@@ -410,7 +410,9 @@ fn measured(sens: &LayerSensitivity, spec: &QuantSpec, label: &str) -> Result<f6
 impl FromStr for Proxy {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        <Proxy as clap::ValueEnum>::from_str(s, true)
-            .map_err(|_| Error::invalid("proxy", s, "valid: hessian, measured, fisher, weight-error"))
+        [Proxy::Hessian, Proxy::Measured, Proxy::Fisher, Proxy::WeightError]
+            .into_iter()
+            .find(|p| p.to_string().eq_ignore_ascii_case(s))
+            .ok_or_else(|| Error::invalid("proxy", s, "valid: hessian, measured, fisher, weight-error"))
     }
 }
