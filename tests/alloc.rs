@@ -214,7 +214,7 @@ fn allocation_to_config_round_trips() {
     let back = mixq::config::QuantConfig::from_json(&cfg.to_json(), std::path::Path::new("<test>")).unwrap();
     assert_eq!(back, cfg);
     for l in &a.layers {
-        assert_eq!(mixq::cost::spec_label(&back.layers[&l.name].spec()), l.format);
+        assert_eq!(back.layers[&l.name].spec().label(), l.format);
     }
     assert_eq!(back.provenance["solver"], "exact-mckp");
 }

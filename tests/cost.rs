@@ -1,7 +1,7 @@
 //! Cost-model tests: Ω from a model and a hand-made sensitivity report, negative traces clamped,
 //! CSV/JSON round trips, malformed tables rejected with file, line and field.
 
-use mixq::cost::{parse_candidates, parse_spec, spec_label, BuildOptions, CostTable, LatencyTable, Proxy};
+use mixq::cost::{parse_candidates, BuildOptions, CostTable, LatencyTable, Proxy};
 use mixq::model::{LayerInfo, LayerKind, QuantModel};
 use mixq::quant::{fake_quantize, QuantSpec};
 use mixq::sensitivity::report::{LayerSensitivity, SensitivityReport};
@@ -88,7 +88,7 @@ fn hessian_cost_is_trace_per_param_times_weight_error() {
     for (l, tr) in t.layers.iter().zip([12.8, 3.2]) {
         let w = m.weight(&l.name).unwrap();
         for o in &l.options {
-            let spec = parse_spec(&o.format).unwrap();
+            let spec = o.format.parse::<QuantSpec>().unwrap();
             let e2 = (fake_quantize(&w, &spec).unwrap() - &w).square().sum(Kind::Double).double_value(&[]);
             let want = tr / l.params as f64 * e2;
             assert!((o.cost - want).abs() <= OMEGA_RTOL * want.abs().max(1e-30), "{} {}: {} vs {want}", l.name, o.format, o.cost);
@@ -181,10 +181,10 @@ fn malformed_csv_names_file_line_and_field() {
 #[test]
 fn spec_labels_round_trip() {
     for s in ["int4", "int3-asym", "fp32", "int4/group:32", "fp4-e2m1/group:16", "int8/tensor/mse", "fp8-e4m3"] {
-        assert_eq!(spec_label(&parse_spec(s).unwrap()), s);
+        assert_eq!(s.parse::<QuantSpec>().unwrap().label(), s);
     }
-    assert_eq!(spec_label(&QuantSpec::keep()), "fp32");
-    assert!(parse_spec("int4/blah").is_err());
+    assert_eq!(QuantSpec::keep().label(), "fp32");
+    assert!("int4/blah".parse::<QuantSpec>().is_err());
     assert!(parse_candidates(" , ").is_err());
 }
 
@@ -208,7 +208,8 @@ fn robust_costs_use_the_upper_bound_of_each_trace() {
             assert_eq!((&on.format, on.bytes, on.bits, on.bops), (&or.format, or.bytes, or.bits, or.bops));
             assert!(or.cost >= on.cost, "{} {}: robust {} < nominal {}", ln.name, on.format, or.cost, on.cost);
             let w = m.weight(&ln.name).unwrap();
-            let e2 = (fake_quantize(&w, &parse_spec(&on.format).unwrap()).unwrap() - &w).square().sum(Kind::Double).double_value(&[]);
+            let e2 =
+                (fake_quantize(&w, &on.format.parse::<QuantSpec>().unwrap()).unwrap() - &w).square().sum(Kind::Double).double_value(&[]);
             let want = ucb / ln.params as f64 * e2;
             assert!((or.cost - want).abs() <= OMEGA_RTOL * want.abs().max(1e-30), "{} {}: {} vs {want}", ln.name, on.format, or.cost);
         }
@@ -309,7 +310,7 @@ fn activation_formats_make_pair_options_with_both_terms() -> anyhow::Result<()> 
     for (r, l) in back.resolve(&model)?.iter().zip(&tight.layers) {
         let want = if l.format.ends_with("@int8") { Some(acts[0]) } else { None };
         assert_eq!(r.activation, want, "{} {}", r.layer.name, l.format);
-        assert_eq!(Some(spec_label(&r.weight).as_str()), l.format.split('@').next());
+        assert_eq!(Some(r.weight.label().as_str()), l.format.split('@').next());
     }
     let cfg_free = free.to_config(None)?;
     assert!(cfg_free.layers.values().all(|s| s.activation.is_none()));

@@ -280,7 +280,7 @@ fn latency_table_drives_a_latency_budget() {
     let o = allocate(&format!("latency={budget:.3}us"), &p("cfg.json"));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let cfg = QuantConfig::load(&d.join("cfg.json")).unwrap();
-    let used: f64 = model.layers().iter().map(|l| lat(&l.name, &mixq::cost::spec_label(&cfg.layers[&l.name].spec()))).sum();
+    let used: f64 = model.layers().iter().map(|l| lat(&l.name, &cfg.layers[&l.name].spec().label())).sum();
     assert!(used <= budget * (1.0 + 1e-9), "allocation uses {used} µs, budget {budget} µs");
     // Below the fastest configuration: infeasible, nothing written.
     let o = allocate(&format!("latency={:.3}us", 0.9 * fastest), &p("none.json"));

@@ -7,8 +7,9 @@
 //! its limit. Ties and pins therefore hold by construction, whichever solver runs.
 
 use super::budget::{Budget, ResolvedBudget, Resource, Shortfall};
-use crate::cost::{parse_spec, spec_label, CostTable};
+use crate::cost::CostTable;
 use crate::error::{Error, Result};
+use crate::quant::QuantSpec;
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 use std::str::FromStr;
@@ -124,10 +125,6 @@ fn whole(pattern: &str, what: &str) -> Result<Regex> {
     Regex::new(&format!("^(?:{pattern})$")).map_err(|e| Error::invalid(what, pattern, format!("not a valid regex: {e}")))
 }
 
-fn canon(label: &str) -> String {
-    parse_spec(label).map(|s| spec_label(&s)).unwrap_or_else(|_| label.to_string())
-}
-
 impl Problem {
     /// Applies `constraints` to `table`. Errors name the tie, pin, rule or budget at fault: a
     /// pattern that matches no layer, a pinned format a layer does not have, a tie group with no
@@ -140,13 +137,13 @@ impl Problem {
         let mut allowed: Vec<Vec<bool>> = table.layers.iter().map(|l| vec![true; l.options.len()]).collect();
         for a in &constraints.allowed {
             let re = whole(&a.pattern, "allow pattern")?;
-            let formats: Vec<String> = a.formats.iter().map(|f| canon(f)).collect();
+            let formats: Vec<String> = a.formats.iter().map(|f| QuantSpec::canonical_label(f)).collect();
             let mut hit = false;
             for (i, l) in table.layers.iter().enumerate() {
                 if re.is_match(&l.name) {
                     hit = true;
                     for (j, o) in l.options.iter().enumerate() {
-                        allowed[i][j] &= formats.contains(&canon(&o.format));
+                        allowed[i][j] &= formats.contains(&QuantSpec::canonical_label(&o.format));
                     }
                 }
             }
@@ -156,12 +153,12 @@ impl Problem {
         }
         for p in &constraints.pins {
             let re = whole(&p.pattern, "pin pattern")?;
-            let f = canon(&p.format);
+            let f = QuantSpec::canonical_label(&p.format);
             let mut hit = false;
             for (i, l) in table.layers.iter().enumerate() {
                 if re.is_match(&l.name) {
                     hit = true;
-                    if !l.options.iter().any(|o| canon(&o.format) == f) {
+                    if !l.options.iter().any(|o| QuantSpec::canonical_label(&o.format) == f) {
                         return Err(Error::invalid(
                             format!("pin of layer `{}`", l.name),
                             &p.format,
@@ -172,7 +169,7 @@ impl Problem {
                         ));
                     }
                     for (j, o) in l.options.iter().enumerate() {
-                        allowed[i][j] &= canon(&o.format) == f;
+                        allowed[i][j] &= QuantSpec::canonical_label(&o.format) == f;
                     }
                 }
             }
@@ -244,10 +241,10 @@ impl Problem {
                 if !allowed[m[0]][j0] {
                     continue;
                 }
-                let label = canon(&o0.format);
+                let label = QuantSpec::canonical_label(&o0.format);
                 let mut idx = vec![j0];
                 for &li in &m[1..] {
-                    match table.layers[li].options.iter().position(|o| canon(&o.format) == label) {
+                    match table.layers[li].options.iter().position(|o| QuantSpec::canonical_label(&o.format) == label) {
                         Some(j) if allowed[li][j] => idx.push(j),
                         _ => break,
                     }

@@ -4,8 +4,9 @@
 
 use super::args::ModelArgs;
 use super::table::{thousands, Table};
-use crate::cost::{parse_candidates, spec_label};
+use crate::cost::parse_candidates;
 use crate::pipeline::latency::{gemm_layers, latency_table, LatencySettings, DEFAULT_FORMATS};
+use crate::quant::QuantSpec;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use mixq_kernels::TimingOptions;
@@ -62,7 +63,7 @@ pub fn run(a: LatencyArgs) -> Result<()> {
     let specs = &settings.specs;
     println!("{}: GEMM latency per layer at batch {} (median of {} runs, µs)", model.name(), a.batch, a.reps);
     let mut header: Vec<String> = vec!["layer".into(), "kind".into(), "N × K".into(), "M".into()];
-    header.extend(specs.iter().map(spec_label));
+    header.extend(specs.iter().map(QuantSpec::label));
     let header_refs: Vec<&str> = header.iter().map(String::as_str).collect();
     let mut right = vec![false, false, true, true];
     right.extend(specs.iter().map(|_| true));

@@ -1,6 +1,6 @@
 //! Building a [`CostTable`] from a model and a sensitivity report.
 
-use super::{spec_label, CostOption, CostTable, LayerCosts};
+use super::{CostOption, CostTable, LayerCosts};
 use crate::error::{Error, Result};
 use crate::model::data::Dataset;
 use crate::model::QuantModel;
@@ -62,18 +62,13 @@ impl LatencyTable {
             if t < 0.0 {
                 return Err(r.err("latency_us", "latency must be ≥ 0"));
             }
-            let key = (r.get("layer").to_string(), normalize_label(r.get("format")));
+            let key = (r.get("layer").to_string(), QuantSpec::canonical_label(r.get("format")));
             if entries.insert(key, t).is_some() {
                 return Err(r.err("format", "this layer and format appear twice"));
             }
         }
         Ok(LatencyTable { entries })
     }
-}
-
-/// A label in canonical form when it parses as a spec (`int4/channel` → `int4`), else as given.
-fn normalize_label(label: &str) -> String {
-    super::parse_spec(label).map(|s| spec_label(&s)).unwrap_or_else(|_| label.to_string())
 }
 
 /// How a cost table is built.
@@ -215,7 +210,7 @@ pub fn default_candidates() -> Vec<QuantSpec> {
 pub fn parse_candidates(list: &str) -> Result<Vec<QuantSpec>> {
     let mut out: Vec<QuantSpec> = Vec::new();
     for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let spec = super::parse_spec(item).map_err(|e| Error::invalid("--formats", list, e.to_string()))?;
+        let spec = item.parse::<QuantSpec>().map_err(|e| Error::invalid("--formats", list, e.to_string()))?;
         if !out.contains(&spec) {
             out.push(spec);
         }
@@ -297,7 +292,7 @@ fn build_tables(
             if spec.check_fits(&info.name, &info.shape).is_err() {
                 continue;
             }
-            let label = spec_label(spec);
+            let label = spec.label();
             let err2 = if spec.format == Format::Fp32 {
                 0.0
             } else {
@@ -335,7 +330,7 @@ fn build_tables(
         if options[0].is_empty() {
             return Err(Error::invalid(
                 format!("candidates for layer `{}`", info.name),
-                candidates.iter().map(spec_label).collect::<Vec<_>>().join(","),
+                candidates.iter().map(QuantSpec::label).collect::<Vec<_>>().join(","),
                 format!("no candidate fits the layer's shape {:?}", info.shape),
             ));
         }

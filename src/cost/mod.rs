@@ -24,14 +24,14 @@ pub use build::{
 pub use synthetic::synthetic;
 
 use crate::error::{Error, Result};
-use crate::quant::{Clipping, Format, Granularity, QuantSpec};
+use crate::quant::{Format, QuantSpec};
 use serde::{Deserialize, Serialize};
 
 /// One candidate format for one layer, with its predicted cost and resources.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CostOption {
     /// The format label: `int4` (per-channel, default scale, min–max), or a full spec such as
-    /// `int4/group:32` or `fp4-e2m1/group:16/e4m3/mse` (see [`spec_label`]); user tables may use
+    /// `int4/group:32` or `fp4-e2m1/group:16/e4m3/mse` (see [`QuantSpec::label`]); user tables may use
     /// any label, but only labels that parse as a spec can be written as a quant config. With
     /// activation formats: `WEIGHT@ACT`, e.g. `int4@int8` ([`parse_option`]).
     pub format: String,
@@ -48,7 +48,7 @@ pub struct CostOption {
 }
 
 impl CostOption {
-    /// The quant spec of this option, if its label is one (see [`parse_spec`]).
+    /// The quant spec of this option, if its label is one (see [`QuantSpec::from_str`]).
     pub fn spec(&self) -> Result<QuantSpec> {
         Ok(parse_option(&self.format)?.0)
     }
@@ -131,64 +131,11 @@ impl CostTable {
     }
 }
 
-/// The short label of a spec: the format name alone for the defaults (per-channel, default scale,
-/// min–max) and for the keep formats, else `format/granularity[/scale][/clipping]`.
-pub fn spec_label(spec: &QuantSpec) -> String {
-    if spec.format.is_keep() {
-        return spec.format.to_string();
-    }
-    if spec.granularity == Granularity::PerChannel
-        && spec.scale == spec.format.default_scale(spec.granularity)
-        && spec.clipping == Clipping::MinMax
-    {
-        return spec.format.to_string();
-    }
-    spec.to_string()
-}
-
-/// Parses an option label: a weight spec ([`parse_spec`]), optionally followed by `@ACT`, the
+/// Parses an option label: a weight spec ([`QuantSpec::from_str`]), optionally followed by `@ACT`, the
 /// format of the layer's input activation ([`pair_label`]).
 pub fn parse_option(label: &str) -> Result<(QuantSpec, Option<Format>)> {
     match label.split_once('@') {
-        None => Ok((parse_spec(label)?, None)),
-        Some((w, a)) => Ok((parse_spec(w)?, Some(a.parse()?))),
+        None => Ok((label.parse::<QuantSpec>()?, None)),
+        Some((w, a)) => Ok((w.parse::<QuantSpec>()?, Some(a.parse()?))),
     }
-}
-
-/// Parses a label written by [`spec_label`]: `format[/granularity][/scale][/clipping]`, the
-/// granularity defaulting to per-channel.
-pub fn parse_spec(label: &str) -> Result<QuantSpec> {
-    let mut parts = label.split('/');
-    let format: Format = parts.next().unwrap_or_default().parse()?;
-    if format.is_keep() {
-        if let Some(extra) = parts.next() {
-            return Err(Error::invalid("format", label, format!("`{format}` keeps full precision and takes no `/{extra}`")));
-        }
-        return Ok(QuantSpec::new(format, Granularity::PerTensor));
-    }
-    let mut spec = QuantSpec::new(format, Granularity::PerChannel);
-    let mut gran_seen = false;
-    for p in parts {
-        if let Ok(g) = p.parse::<Granularity>() {
-            if gran_seen {
-                return Err(Error::invalid("format", label, "granularity given twice"));
-            }
-            gran_seen = true;
-            spec.granularity = g;
-            spec.scale = format.default_scale(g);
-        } else if let Ok(s) = p.parse() {
-            spec.scale = s;
-        } else if let Ok(c) = p.parse() {
-            spec.clipping = c;
-        } else {
-            return Err(Error::invalid(
-                "format",
-                label,
-                format!(
-                    "`{p}` is not a granularity (tensor, channel, group:N), scale type (f32, f16, e8m0, e4m3) or clipping (minmax, mse)"
-                ),
-            ));
-        }
-    }
-    Ok(spec)
 }

@@ -29,7 +29,6 @@
 //! mismatch. TorchScript modules are opaque to mixq (no hooks) and are rejected with a message.
 
 use crate::config::QuantConfig;
-use crate::cost::spec_label;
 use crate::error::{Error, Result};
 use crate::eval::metrics::{evaluate, logits, model_size, Metrics, Reference, SizeReport};
 use crate::model::data::Dataset;
@@ -508,7 +507,7 @@ pub fn evaluate_config_kernels(
         .iter()
         .map(|r| KernelLayerReport {
             layer: r.layer.name.clone(),
-            weight: spec_label(&r.weight),
+            weight: r.weight.label(),
             path: km.layers.get(&r.layer.name).map(|l| l.path).unwrap_or(LayerPath::Fp32),
         })
         .collect();

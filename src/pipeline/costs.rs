@@ -156,7 +156,7 @@ pub fn costs(source: &CostSource, settings: &CostSettings) -> Result<Costs> {
             };
             provenance.insert("sensitivity".into(), json!({"path": path.display().to_string(), "sha256": super::file_sha256(path)?}));
             provenance.insert("proxy".into(), json!(settings.proxy.to_string()));
-            provenance.insert("candidates".into(), json!(settings.candidates.iter().map(crate::cost::spec_label).collect::<Vec<_>>()));
+            provenance.insert("candidates".into(), json!(settings.candidates.iter().map(QuantSpec::label).collect::<Vec<_>>()));
             Ok(Costs { table, robust, loaded: Some(m), provenance, model: Some(ModelRef { name: spec, weights_sha256: Some(hash) }) })
         }
     }

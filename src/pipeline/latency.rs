@@ -12,7 +12,7 @@
 //! everything between layers; embedding lookups (no GEMM) are left out. Scale type and clipping
 //! do not change a kernel's work, so `int4` and `int4/channel/f32/mse` time the same.
 
-use crate::cost::{spec_label, LatencyTable};
+use crate::cost::LatencyTable;
 use crate::error::{Error, Result};
 use crate::eval::kernels::{kernel_group, weight_format, KERNEL_FORMATS};
 use crate::model::{LayerInfo, LayerKind, QuantModel};
@@ -52,7 +52,7 @@ pub fn check_timeable(specs: &[QuantSpec]) -> Result<()> {
         if s.format != Format::Fp32 && weight_format(s.format).is_none() {
             return Err(Error::invalid(
                 "format",
-                spec_label(s),
+                s.label(),
                 format!(
                     "cannot be timed: the kernels run {KERNEL_FORMATS} (with any granularity), and fp32 is timed with libtorch; \
                      choose formats among those (e.g. {DEFAULT_FORMATS})"
@@ -69,7 +69,7 @@ pub fn time_layer(shape: GemmShape, rows: usize, spec: &QuantSpec, opts: TimingO
         time_shape_fp32_libtorch(shape.n, shape.k, rows, opts)?
     } else {
         let Some(wf) = weight_format(spec.format) else {
-            return Err(Error::invalid("format", spec_label(spec), format!("no kernel (the kernels run {KERNEL_FORMATS})")));
+            return Err(Error::invalid("format", spec.label(), format!("no kernel (the kernels run {KERNEL_FORMATS})")));
         };
         time_shape(shape.n, shape.k, wf, kernel_group(spec.granularity, shape.k), rows, opts)?
     };
@@ -81,7 +81,7 @@ pub fn time_layer(shape: GemmShape, rows: usize, spec: &QuantSpec, opts: TimingO
 pub struct LatencyRow {
     /// Layer name.
     pub layer: String,
-    /// Format label ([`spec_label`]), as the cost table names it.
+    /// Format label ([`QuantSpec::label`]), as the cost table names it.
     pub format: String,
     /// Median latency in µs.
     pub latency_us: f64,
@@ -162,7 +162,7 @@ pub fn latency_table(
     order.sort_by_key(|&i| specs[i].format == Format::Fp32);
     for &si in &order {
         let spec = &specs[si];
-        let label = spec_label(spec);
+        let label = spec.label();
         for ((info, g), line) in layers.iter().zip(grid.iter_mut()) {
             progress(info, &label);
             if spec.check_fits(&info.name, &info.shape).is_ok() {
@@ -177,7 +177,7 @@ pub fn latency_table(
     for ((info, _), line) in layers.iter().zip(&grid) {
         for (spec, us) in specs.iter().zip(line) {
             if let Some(us) = us {
-                rows.push(LatencyRow { layer: info.name.clone(), format: spec_label(spec), latency_us: *us });
+                rows.push(LatencyRow { layer: info.name.clone(), format: spec.label(), latency_us: *us });
             }
         }
     }

@@ -132,7 +132,7 @@ pub fn plan(
         json!({"estimator": settings.estimator.to_string(), "data": calib.name, "data_sha256": planned.sensitivity.report.data_sha256,
                "seed": t.seed, "tol": t.tol, "max_probes": t.max_probes, "hvps": hvps, "layers_converged": converged}),
     );
-    prov.insert("candidates".into(), json!(settings.candidates.iter().map(crate::cost::spec_label).collect::<Vec<_>>()));
+    prov.insert("candidates".into(), json!(settings.candidates.iter().map(QuantSpec::label).collect::<Vec<_>>()));
     if let Some(f) = &settings.activation_formats {
         prov.insert("act_formats".into(), json!(f.iter().map(|f| f.to_string()).collect::<Vec<_>>()));
     }
@@ -178,7 +178,7 @@ pub fn compare_with_uniform(model: &dyn QuantModel, data: &Dataset, planned: &Pl
     let mut skipped = Vec::new();
     for (spec, r) in candidates.iter().zip(super::evaluate::uniform_baselines(model, data, &reference, candidates, &mut |_| {})) {
         match r {
-            Ok((metrics, size)) => rows.push(Measured { label: format!("uniform {}", crate::cost::spec_label(spec)), metrics, size }),
+            Ok((metrics, size)) => rows.push(Measured { label: format!("uniform {}", spec.label()), metrics, size }),
             Err(e) => skipped.push((*spec, e)),
         }
     }

@@ -408,6 +408,72 @@ impl QuantSpec {
     }
 }
 
+impl QuantSpec {
+    /// The short label of a spec: the format name alone for the defaults (per-channel, default
+    /// scale, min–max) and for the keep formats, else `format/granularity[/scale][/clipping]`
+    /// (the [`fmt::Display`] form). Both forms parse back ([`QuantSpec::from_str`]).
+    pub fn label(&self) -> String {
+        if self.format.is_keep() {
+            return self.format.to_string();
+        }
+        if self.granularity == Granularity::PerChannel
+            && self.scale == self.format.default_scale(self.granularity)
+            && self.clipping == Clipping::MinMax
+        {
+            return self.format.to_string();
+        }
+        self.to_string()
+    }
+
+    /// `label` in its short form ([`QuantSpec::label`]) when it parses as a spec
+    /// (`int4/channel` → `int4`), else as given.
+    pub fn canonical_label(label: &str) -> String {
+        label.parse::<QuantSpec>().map(|s| s.label()).unwrap_or_else(|_| label.to_string())
+    }
+}
+
+/// Parses `format[/granularity][/scale][/clipping]` (any order after the format), the
+/// granularity defaulting to per-channel: the labels of [`QuantSpec::label`] and of
+/// [`fmt::Display`].
+impl FromStr for QuantSpec {
+    type Err = Error;
+    fn from_str(label: &str) -> Result<Self> {
+        let mut parts = label.split('/');
+        let format: Format = parts.next().unwrap_or_default().parse()?;
+        if format.is_keep() {
+            if let Some(extra) = parts.next() {
+                return Err(Error::invalid("format", label, format!("`{format}` keeps full precision and takes no `/{extra}`")));
+            }
+            return Ok(QuantSpec::new(format, Granularity::PerTensor));
+        }
+        let mut spec = QuantSpec::new(format, Granularity::PerChannel);
+        let mut gran_seen = false;
+        for p in parts {
+            if let Ok(g) = p.parse::<Granularity>() {
+                if gran_seen {
+                    return Err(Error::invalid("format", label, "granularity given twice"));
+                }
+                gran_seen = true;
+                spec.granularity = g;
+                spec.scale = format.default_scale(g);
+            } else if let Ok(s) = p.parse() {
+                spec.scale = s;
+            } else if let Ok(c) = p.parse() {
+                spec.clipping = c;
+            } else {
+                return Err(Error::invalid(
+                    "format",
+                    label,
+                    format!(
+                        "`{p}` is not a granularity (tensor, channel, group:N), scale type (f32, f16, e8m0, e4m3) or clipping (minmax, mse)"
+                    ),
+                ));
+            }
+        }
+        Ok(spec)
+    }
+}
+
 impl fmt::Display for QuantSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.format.is_keep() {
