@@ -4,7 +4,7 @@
 use crate::alloc::{Budget, Constraints, SolverKind};
 use crate::cost::Proxy;
 use crate::pipeline::costs::{CostSettings, CostSource};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
 
@@ -139,7 +139,7 @@ impl CostArgs {
             candidates: candidates(self.formats.as_deref())?,
             proxy: self.proxy.into(),
             activation_bits: self.act_bits,
-            activation_formats: self.act_formats.as_deref().map(crate::cost::parse_activation_formats).transpose()?,
+            activation_formats: activation_formats(self.act_formats.as_deref())?,
             latency: self.latency.clone(),
             robust_z: self.robust,
         };
@@ -150,9 +150,14 @@ impl CostArgs {
 /// `--formats`, or the default candidates.
 pub fn candidates(formats: Option<&str>) -> Result<Vec<crate::quant::QuantSpec>> {
     Ok(match formats {
-        Some(f) => crate::cost::parse_candidates(f)?,
+        Some(f) => crate::cost::parse_candidates(f).context("--formats")?,
         None => crate::cost::default_candidates(),
     })
+}
+
+/// `--act-formats`, if given.
+pub fn activation_formats(list: Option<&str>) -> Result<Option<Vec<crate::quant::Format>>> {
+    list.map(crate::cost::parse_activation_formats).transpose().context("--act-formats")
 }
 
 /// Tie groups, pins and allowed formats.

@@ -40,7 +40,7 @@ pub struct LatencyArgs {
 
 /// Runs `mixq latency`.
 pub fn run(a: LatencyArgs) -> Result<()> {
-    let specs = parse_candidates(&a.formats)?;
+    let specs = parse_candidates(&a.formats).context("--formats")?;
     crate::pipeline::latency::check_timeable(&specs).context("--formats")?;
     if a.batch == 0 || a.reps == 0 {
         bail!("--batch and --reps must be at least 1");

@@ -102,7 +102,7 @@ impl SearchArgs {
             constraints: self.constraints.with_budgets(&self.budgets)?,
             solver: self.solver.into(),
             robust_z: self.robust,
-            activation_formats: self.act_formats.as_deref().map(crate::cost::parse_activation_formats).transpose()?,
+            activation_formats: super::args::activation_formats(self.act_formats.as_deref())?,
             run: RunOptions { cache_dir: Some(default_cache_dir()), read_cache: !self.no_cache, ..Default::default() },
         };
         settings.validate()?;

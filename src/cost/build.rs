@@ -116,7 +116,7 @@ impl ActivationErrors {
     /// hooked forward pass over `data`, in batches of `batch_size`.
     pub fn measure(model: &dyn InputHooks, data: &Dataset, formats: &[Format], batch_size: usize) -> Result<Self> {
         if formats.is_empty() {
-            return Err(Error::invalid("--act-formats", "", "give at least one activation format, e.g. int8,fp32"));
+            return Err(Error::invalid("activation formats", "", "give at least one activation format, e.g. int8,fp32"));
         }
         if data.is_empty() {
             return Err(Error::Data { source_name: data.name.clone(), msg: "no samples: activation errors need calibration data".into() });
@@ -165,13 +165,13 @@ impl ActivationErrors {
 pub fn parse_activation_formats(list: &str) -> Result<Vec<Format>> {
     let mut out: Vec<Format> = Vec::new();
     for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let f: Format = item.parse().map_err(|e: Error| Error::invalid("--act-formats", list, e.to_string()))?;
+        let f: Format = item.parse().map_err(|e: Error| Error::invalid("activation formats", list, e.to_string()))?;
         if !out.contains(&f) {
             out.push(f);
         }
     }
     if out.is_empty() {
-        return Err(Error::invalid("--act-formats", list, "give at least one activation format, e.g. int8,fp32"));
+        return Err(Error::invalid("activation formats", list, "give at least one activation format, e.g. int8,fp32"));
     }
     Ok(out)
 }
@@ -182,7 +182,7 @@ fn activation_factor(sens: &LayerSensitivity) -> Result<f64> {
         Error::invalid(
             format!("sensitivity of layer `{}`", sens.name),
             "activation_trace",
-            "--act-formats needs the activation traces of every layer: make the report with \
+            "searching activation formats needs the activation traces of every layer: make the report with \
              `mixq sensitivity --estimator hutchpp,activation` (native models only)",
         )
     })?;
@@ -210,13 +210,13 @@ pub fn default_candidates() -> Vec<QuantSpec> {
 pub fn parse_candidates(list: &str) -> Result<Vec<QuantSpec>> {
     let mut out: Vec<QuantSpec> = Vec::new();
     for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let spec = item.parse::<QuantSpec>().map_err(|e| Error::invalid("--formats", list, e.to_string()))?;
+        let spec = item.parse::<QuantSpec>().map_err(|e| Error::invalid("candidate formats", list, e.to_string()))?;
         if !out.contains(&spec) {
             out.push(spec);
         }
     }
     if out.is_empty() {
-        return Err(Error::invalid("--formats", list, "give at least one format, e.g. int2,int4,int8,fp32"));
+        return Err(Error::invalid("candidate formats", list, "give at least one format, e.g. int2,int4,int8,fp32"));
     }
     Ok(out)
 }
@@ -362,7 +362,7 @@ fn sensitivity_factor(sens: &LayerSensitivity, proxy: Proxy, robust_z: Option<f6
         Error::invalid(
             format!("sensitivity of layer `{}`", sens.name),
             field,
-            format!("the report has no `{field}` for this layer; run the estimator that fills it, or choose another --proxy"),
+            format!("the report has no `{field}` for this layer; run the estimator that fills it, or choose another proxy"),
         )
     })?;
     if !v.is_finite() {
@@ -395,7 +395,7 @@ fn measured(sens: &LayerSensitivity, spec: &QuantSpec, label: &str) -> Result<f6
             format!("measured_delta_loss of layer `{}`", sens.name),
             label,
             format!(
-                "the report has no measured loss increase for this format (it has: {}); measure it or choose another --proxy",
+                "the report has no measured loss increase for this format (it has: {}); measure it or choose another proxy",
                 sens.measured_delta_loss.keys().cloned().collect::<Vec<_>>().join(", ")
             ),
         )

@@ -178,7 +178,7 @@ pub fn load(spec: &str, data: Option<&data::Dataset>) -> Result<Box<dyn QuantMod
         }
         let data = data.ok_or_else(|| Error::Model {
             model: spec.to_string(),
-            msg: "a TorchScript model needs sample data (--data) to discover its layers".to_string(),
+            msg: "a TorchScript model needs sample data to discover its layers".to_string(),
         })?;
         let sample = data.x.narrow(0, 0, (data.len() as i64).min(8));
         Box::new(torchscript::TorchScriptModel::load(path, &sample)?)

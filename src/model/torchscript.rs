@@ -19,7 +19,7 @@
 //!   the sample does not take) is reported as a linear layer with 0 MACs, and a warning is logged:
 //!   its cost under a BOPs budget is then unknown, not zero.
 //! - **Weights** are the module's own parameter tensors: quantizing one in place (under no_grad,
-//!   `copy_`) changes the module's output, which is how [`crate::eval`] applies a configuration.
+//!   `copy_`) changes the module's output, which is how [`crate::model::apply`] applies a configuration.
 //! - The forward pass runs in eval mode with gradients enabled, so the sensitivity estimators can
 //!   take Hessian-vector products through it (double backward works through TorchScript).
 //! - Activation quantization needs hooks inside the forward pass: not offered (the trait's default
