@@ -662,8 +662,8 @@ mod tests {
 
     #[test]
     fn text_specs() {
-        assert_eq!(TextSpec::parse("digits:calib"), None);
-        assert_eq!(TextSpec::parse("stdlib-textual"), None);
+        assert!(TextSpec::parse("digits:calib").is_none());
+        assert!(TextSpec::parse("stdlib-textual").is_none());
         let t = |s: &str| TextSpec::parse(s).unwrap();
         assert_eq!(t("stdlib-text").unwrap(), TextSpec { split: "test".into(), count: None });
         assert_eq!(t("stdlib-text:calib:64").unwrap(), TextSpec { split: "calib".into(), count: Some(64) });
