@@ -233,3 +233,35 @@ fn take_and_subset_are_deterministic() {
     assert_eq!(s.x.get(1), d.x.get(0));
     assert!(d.subset(&[-1]).is_err());
 }
+
+/// The standard-library text corpus: at least 2,000 prose sentences, deterministic, calibration
+/// and test splits disjoint and together the whole corpus. Skips (with a message) on a machine
+/// whose Python standard library cannot be found.
+#[test]
+fn stdlib_text_corpus() {
+    use mixq::model::corpus::{self, StdlibCorpus};
+    let root = match corpus::stdlib_dir() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("skipping: {e}");
+            return;
+        }
+    };
+    let c = StdlibCorpus::build(&root).unwrap();
+    println!("{} sentences from {} files under {}; the first five:", c.sentences.len(), c.files, root.display());
+    for s in &c.sentences[..5] {
+        println!("  {s}");
+    }
+    assert!(c.sentences.len() >= corpus::MIN_SENTENCES);
+    assert!(c.sentences.iter().all(|s| corpus::is_prose(s)));
+    let again = StdlibCorpus::build(&root).unwrap();
+    assert_eq!(c.sentences, again.sentences, "same library, same seed: same sentences in the same order");
+    let calib: std::collections::HashSet<&String> = c.split("calib").unwrap().iter().collect();
+    let test = c.split("test").unwrap();
+    assert!(test.iter().all(|s| !calib.contains(s)), "calibration and test sentences are disjoint");
+    assert_eq!(calib.len() + test.len(), c.sentences.len(), "no duplicates; the splits cover the corpus");
+    assert!(c.split("valid").is_err());
+    // A model without a tokenizer cannot take text.
+    let e = Dataset::load_for("stdlib-text:calib:8", &mixq::model::zoo::DigitsResNet::untrained()).unwrap_err().to_string();
+    assert!(e.contains("does not take text"), "{e}");
+}

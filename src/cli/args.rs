@@ -11,13 +11,14 @@ use std::path::PathBuf;
 /// Which model and data.
 #[derive(Args, Debug)]
 pub struct ModelArgs {
-    /// A zoo model name (`digits-resnet`) or a TorchScript file (`.pt`).
+    /// A zoo model name (`digits-resnet`, `minilm`) or a TorchScript file (`.pt`).
     #[arg(long, default_value = "digits-resnet")]
     pub model: String,
-    /// Data: `digits[:train|calib|test]`, a `.safetensors` file (tensors `x`, optional `y`), or
-    /// `X.npy[,Y.npy]`.
-    #[arg(long, default_value = "digits:test")]
-    pub data: String,
+    /// Data: `digits[:train|calib|test]`, a `.safetensors` file (tensors `x`, optional `y`),
+    /// `X.npy[,Y.npy]`, or for text models `stdlib-text[:calib|test|all][:N]` (default: the
+    /// model's own, `digits:test`; for minilm `stdlib-text:test:1000`).
+    #[arg(long)]
+    pub data: Option<String>,
 }
 
 /// `--solver`.
@@ -191,7 +192,9 @@ pub fn command_line() -> String {
     std::env::args().collect::<Vec<_>>().join(" ")
 }
 
-/// Loads `--model` and `--data`.
-pub fn load(args: &ModelArgs) -> Result<(Box<dyn crate::model::QuantModel>, crate::model::data::Dataset)> {
-    Ok(crate::pipeline::load_model_and_data(&args.model, &args.data)?)
+/// Loads `--model` and `--data` (without `--data`, the model's data for `role`, `calib` or
+/// `test`).
+pub fn load(args: &ModelArgs, role: &str) -> Result<(Box<dyn crate::model::QuantModel>, crate::model::data::Dataset)> {
+    let spec = crate::pipeline::data_spec(&args.model, args.data.as_deref(), role);
+    Ok(crate::pipeline::load_model_and_data(&args.model, &spec)?)
 }

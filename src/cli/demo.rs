@@ -21,8 +21,8 @@ pub struct DemoArgs {
 /// Runs `mixq demo`.
 pub fn run(a: DemoArgs) -> Result<()> {
     let granularity: Granularity = a.granularity.parse()?;
-    let args = ModelArgs { model: model::zoo::DEFAULT.to_string(), data: "digits:test".to_string() };
-    let (model, data) = super::args::load(&args)?;
+    let args = ModelArgs { model: model::zoo::DEFAULT.to_string(), data: Some("digits:test".to_string()) };
+    let (model, data) = super::args::load(&args, "test")?;
     let params: i64 = model.layers().iter().map(|l| l.params).sum();
     println!("mixq demo: {} on the UCI digits test split ({} samples)", model.name(), data.len());
     println!();

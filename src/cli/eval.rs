@@ -2,7 +2,7 @@
 //! low-bit kernels) → the `mixq.eval-report` JSON and a table.
 
 use super::args::ModelArgs;
-use super::render::{metrics_row, metrics_table};
+use super::render::{metrics_row, metrics_table_for};
 use super::table::Table;
 use crate::config::QuantConfig;
 use crate::pipeline::evaluate::evaluate;
@@ -35,7 +35,7 @@ pub struct EvalArgs {
 /// Runs `mixq eval`.
 pub fn run(a: EvalArgs) -> Result<()> {
     let config = QuantConfig::load(&a.config)?;
-    let (model, data) = super::args::load(&a.model)?;
+    let (model, data) = super::args::load(&a.model, "test")?;
     let ev = evaluate(model.as_ref(), &data, &config, &a.config.display().to_string(), a.kernels)?;
     let report = &ev.report;
     if let Some(out) = &a.output {
@@ -66,7 +66,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     }
     print!("{}", t.render("  "));
     println!();
-    let mut m = metrics_table();
+    let mut m = metrics_table_for(model.output_kind());
     m.row(metrics_row("fp32".into(), &report.fp32, &ev.fp32_size));
     m.row(metrics_row(if kernels.is_some() { "config (fake quant)".into() } else { "config".into() }, &report.quantized, &report.size));
     if let Some(k) = kernels {

@@ -21,7 +21,7 @@ pub struct LayersArgs {
 
 /// Runs `mixq layers`.
 pub fn layers(a: LayersArgs) -> Result<()> {
-    let (model, _) = super::args::load(&a.model)?;
+    let (model, _) = super::args::load(&a.model, "test")?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&json!({"model": model.name(), "layers": model.layers()}))?);
     } else {

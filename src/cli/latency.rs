@@ -45,7 +45,7 @@ pub fn run(a: LatencyArgs) -> Result<()> {
     if a.batch == 0 || a.reps == 0 {
         bail!("--batch and --reps must be at least 1");
     }
-    let (model, _) = super::args::load(&a.model)?;
+    let (model, _) = super::args::load(&a.model, "test")?;
     let (layers, skipped) = gemm_layers(model.as_ref());
     for l in &skipped {
         tracing::warn!(layer = %l.name, "no GEMM to time ({} layer, {} MACs per sample); left out of the table", l.kind, l.macs);

@@ -38,9 +38,10 @@ pub struct ParetoArgs {
     /// plot the measured KL beside the predicted Σ Ω.
     #[arg(long)]
     pub eval: bool,
-    /// Data for --eval: `digits[:split]`, `.safetensors`, `X.npy[,Y.npy]`.
-    #[arg(long, default_value = "digits:test")]
-    pub eval_data: String,
+    /// Data for --eval: `digits[:split]`, `.safetensors`, `X.npy[,Y.npy]`, `stdlib-text…`
+    /// (default: the model's test data, `digits:test`).
+    #[arg(long)]
+    pub eval_data: Option<String>,
     /// Further fixed budgets held at every point (repeatable).
     #[arg(long = "budget")]
     pub budgets: Vec<String>,
@@ -88,11 +89,12 @@ pub fn run(a: ParetoArgs) -> Result<()> {
         let model: Box<dyn QuantModel> = match c.loaded.take() {
             Some(m) => m,
             None => match &c.model {
-                Some(m) => super::args::load(&ModelArgs { model: m.name.clone(), data: a.eval_data.clone() })?.0,
+                Some(m) => super::args::load(&ModelArgs { model: m.name.clone(), data: a.eval_data.clone() }, "test")?.0,
                 None => bail!("--eval needs a model: give --sens REPORT.json (its model) or --model with --cost-table"),
             },
         };
-        let data = crate::pipeline::load_data_for(&a.eval_data, model.as_ref())?;
+        let data =
+            crate::pipeline::load_data_for(&crate::pipeline::data_spec(model.name(), a.eval_data.as_deref(), "test"), model.as_ref())?;
         let bar = super::progress::bar(front.points.len() as u64, "evaluating");
         front.measure(model.as_ref(), &data, &mut |pt| {
             bar.set_message(format!("{:.1}%", 100.0 * pt.fraction));

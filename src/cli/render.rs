@@ -16,8 +16,20 @@ pub fn layers_table(model: &dyn QuantModel) -> String {
     t.render("  ")
 }
 
-/// One row of [`metrics_table`].
+/// One row of [`metrics_table_for`]: the embedding columns when the metrics have them.
 pub fn metrics_row(label: String, r: &Metrics, size: &SizeReport) -> Vec<String> {
+    if let Some(e) = &r.embedding {
+        return vec![
+            label,
+            format!("{:.2}", size.avg_bits),
+            bytes(size.total_bytes),
+            format!("{:.5}", e.mean_cosine),
+            format!("{:.4}", e.min_cosine),
+            format!("{:.2} %", 100.0 * e.recall_at_10),
+            format!("{:.5}", e.spearman),
+            format!("{:.2e}", r.loss),
+        ];
+    }
     vec![
         label,
         format!("{:.2}", size.avg_bits),
@@ -32,6 +44,19 @@ pub fn metrics_row(label: String, r: &Metrics, size: &SizeReport) -> Vec<String>
 /// The columns of a metrics table: size, accuracy, loss, KL and agreement vs FP32.
 pub fn metrics_table() -> Table {
     Table::new(&["weights", "bits/w", "size", "accuracy", "loss", "KL(FP32‖Q)", "agreement"], &[false, true, true, true, true, true, true])
+}
+
+/// The metrics table of a model whose outputs are `kind`: for embedding models the mean and
+/// smallest cosine to FP32, recall@10 of the FP32 neighbours, the Spearman correlation of the
+/// pairwise similarities and the distillation loss instead of accuracy, KL and agreement.
+pub fn metrics_table_for(kind: crate::model::OutputKind) -> Table {
+    match kind {
+        crate::model::OutputKind::Logits => metrics_table(),
+        crate::model::OutputKind::Embedding => Table::new(
+            &["weights", "bits/w", "size", "cos to FP32", "min cos", "recall@10", "Spearman", "loss"],
+            &[false, true, true, true, true, true, true, true],
+        ),
+    }
 }
 
 /// The per-layer table and the budget lines of an allocation.

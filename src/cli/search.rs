@@ -17,15 +17,18 @@ use std::time::Instant;
 /// `mixq search`.
 #[derive(Args, Debug)]
 pub struct SearchArgs {
-    /// A zoo model name (`digits-resnet`) or a TorchScript file (`.pt`).
+    /// A zoo model name (`digits-resnet`, `minilm`) or a TorchScript file (`.pt`).
     #[arg(long, default_value = "digits-resnet")]
     pub model: String,
-    /// Calibration data for the sensitivities (same forms as `--eval-data`).
-    #[arg(long, default_value = "digits:calib")]
-    pub data: String,
-    /// Data the mixed and uniform models are evaluated on: `digits[:split]`, `.safetensors`, `X.npy[,Y.npy]`.
-    #[arg(long, default_value = "digits:test")]
-    pub eval_data: String,
+    /// Calibration data for the sensitivities (same forms as `--eval-data`; default: the
+    /// model's own, `digits:calib`; for minilm `stdlib-text:calib:64`).
+    #[arg(long)]
+    pub data: Option<String>,
+    /// Data the mixed and uniform models are evaluated on: `digits[:split]`, `.safetensors`,
+    /// `X.npy[,Y.npy]`, `stdlib-text[:split][:N]` (default: `digits:test`; for minilm
+    /// `stdlib-text:test:1000`).
+    #[arg(long)]
+    pub eval_data: Option<String>,
     /// Budgets, e.g. `avg-bits=4.5`, `size=120KB`, `size=40%`, `bops=2G`; repeat for several.
     #[arg(long = "budget", required = true)]
     pub budgets: Vec<String>,
@@ -113,8 +116,8 @@ impl SearchArgs {
 /// Runs `mixq search`.
 pub fn run(a: SearchArgs) -> Result<()> {
     let settings = a.settings()?;
-    let (model, calib) = super::args::load(&ModelArgs { model: a.model.clone(), data: a.data.clone() })?;
-    let eval_data = load_data_for(&a.eval_data, model.as_ref())?;
+    let (model, calib) = super::args::load(&ModelArgs { model: a.model.clone(), data: a.data.clone() }, "calib")?;
+    let eval_data = load_data_for(&crate::pipeline::data_spec(&a.model, a.eval_data.as_deref(), "test"), model.as_ref())?;
     if settings.activation_formats.is_some() {
         check_activation_search(model.as_ref()).context("--act-formats")?;
     }
@@ -179,7 +182,7 @@ pub fn run(a: SearchArgs) -> Result<()> {
     for (spec, e) in cmp.skipped {
         tracing::warn!("uniform {spec} does not apply to every layer: {e}");
     }
-    let mut m = render::metrics_table();
+    let mut m = render::metrics_table_for(model.output_kind());
     for r in cmp.rows {
         m.row(render::metrics_row(r.label, &r.metrics, &r.size));
     }

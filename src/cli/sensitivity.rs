@@ -19,13 +19,15 @@ pub struct SensitivityArgs {
     /// `merge`: pool shard reports (otherwise: estimate).
     #[command(subcommand)]
     pub action: Option<SensitivityAction>,
-    /// A zoo model name (`digits-resnet`) or a TorchScript file (`.pt`).
+    /// A zoo model name (`digits-resnet`, `minilm`) or a TorchScript file (`.pt`).
     #[arg(long, default_value = "digits-resnet")]
     pub model: String,
     /// Calibration data: `digits[:train|calib|test]`, a `.safetensors` file (tensors `x`, optional
-    /// `y`), or `X.npy[,Y.npy]`. Without labels the loss is KL to the model's FP32 outputs.
-    #[arg(long, default_value = "digits:calib")]
-    pub data: String,
+    /// `y`), `X.npy[,Y.npy]`, or `stdlib-text[:split][:N]` for text models (default: the model's
+    /// own, `digits:calib`; for minilm `stdlib-text:calib:64`). Without labels the loss is KL to
+    /// the model's FP32 outputs (for embedding models, the squared error to its FP32 embeddings).
+    #[arg(long)]
+    pub data: Option<String>,
     /// Estimators, comma-separated: hutchinson, hutchpp, fisher, grad (|g·ΔW| and ‖ΔW‖² per
     /// format), measured (loss increase per layer and format), eigen (top eigenvalue per layer),
     /// activation (trace of the Hessian w.r.t. each layer's input, HAWQ-V2; native models only;
@@ -210,7 +212,7 @@ pub fn run(a: SensitivityArgs) -> Result<()> {
     }
     let settings = settings(&a)?;
     let opts = run_options(&a)?;
-    let (model, data) = super::args::load(&ModelArgs { model: a.model.clone(), data: a.data.clone() })?;
+    let (model, data) = super::args::load(&ModelArgs { model: a.model.clone(), data: a.data.clone() }, "calib")?;
     let start = Instant::now();
     let (bar, mut progress) = probe_progress(&settings.trace, "probes");
     let est = sensitivity::estimate_with(model.as_ref(), &data, &settings, &opts, &mut progress)

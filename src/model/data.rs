@@ -12,9 +12,17 @@
 //! - `digits` (= `digits:test`), `digits:train`, `digits:calib`, `digits:test`, `digits:all`;
 //! - `PATH.safetensors` with a tensor `x` and optionally `y`;
 //! - `X.npy` or `X.npy,Y.npy`.
+//!
+//! and by [`Dataset::load_for`], which tokenizes text with the model's own tokenizer
+//! ([`QuantModel::encode_text`]):
+//! - `stdlib-text[:calib|test|all][:N]` (plain `stdlib-text` is `stdlib-text:test`): sentences
+//!   of the Python standard library's docstrings ([`crate::model::corpus`]), the first `N` of
+//!   the split when `N` is given. The sentences of a text data set are ordered by length (the
+//!   model pads a batch to its longest sentence), without labels.
 
 use crate::error::{Error, Result};
-use crate::model::QuantModel;
+use crate::model::corpus::{self, StdlibCorpus};
+use crate::model::{OutputKind, QuantModel};
 use std::path::Path;
 use tch::{Kind, Tensor};
 
@@ -63,6 +71,13 @@ impl Dataset {
     /// labels become int64 `[N]`.
     pub fn load(spec: &str) -> Result<Dataset> {
         let spec = spec.trim();
+        if TextSpec::parse(spec).is_some() {
+            return Err(Error::invalid(
+                "data",
+                spec,
+                "text data is tokenized by the model that reads it: load it together with a model that takes text (e.g. minilm)",
+            ));
+        }
         if spec == "digits" || spec.starts_with("digits:") {
             let split = spec.strip_prefix("digits").unwrap_or("").trim_start_matches(':');
             return Dataset::digits(if split.is_empty() { "test" } else { split });
@@ -83,14 +98,18 @@ impl Dataset {
         Err(Error::invalid(
             "data",
             spec,
-            "valid data: digits, digits:train, digits:calib, digits:test, digits:all, PATH.safetensors (tensor `x`, optional `y`), X.npy or X.npy,Y.npy",
+            "valid data: digits, digits:train, digits:calib, digits:test, digits:all, PATH.safetensors (tensor `x`, optional `y`), X.npy or X.npy,Y.npy; for text models stdlib-text:calib, stdlib-text:test, stdlib-text:all (optionally :N)",
         ))
     }
 
     /// Loads `spec` and makes it fit `model`: converts `x` to the model's input dtype (integer
     /// images to FP32; integral floats to int64 token ids) and runs [`Dataset::check_for`].
+    /// Text specs (`stdlib-text…`) are tokenized by the model.
     pub fn load_for(spec: &str, model: &dyn QuantModel) -> Result<Dataset> {
-        let d = Dataset::load(spec)?.into_kind(model.input_kind())?;
+        let d = match TextSpec::parse(spec.trim()) {
+            Some(t) => Dataset::text(&t?, model)?,
+            None => Dataset::load(spec)?.into_kind(model.input_kind())?,
+        };
         d.check_for(model)?;
         Ok(d)
     }
@@ -272,6 +291,12 @@ impl Dataset {
                 if is_float_kind(kind) { "convert the images to float32" } else { "save x as an integer (int64) array of token ids" };
             return Err(err(format!("x has dtype {:?} but model {} expects {kind:?} inputs; {hint}", self.x.kind(), model.name())));
         }
+        if let (Some(_), OutputKind::Embedding) = (&self.y, model.output_kind()) {
+            return Err(err(format!(
+                "the data has labels (y), but model {} is an embedding model: it is measured against its own FP32 embeddings; leave y out",
+                model.name()
+            )));
+        }
         if let Some(y) = &self.y {
             let ys = y.size();
             if ys.len() != 1 || ys[0] != n {
@@ -293,6 +318,68 @@ impl Dataset {
             }
         }
         Ok(())
+    }
+}
+
+/// A parsed `stdlib-text[:split][:N]` spec.
+#[derive(Debug, Clone, PartialEq)]
+struct TextSpec {
+    split: String,
+    count: Option<usize>,
+}
+
+/// The prefix of text data specs.
+const TEXT_PREFIX: &str = "stdlib-text";
+
+impl TextSpec {
+    /// None when `spec` is not a text spec; Some(Err) when it is one with a bad split or count.
+    fn parse(spec: &str) -> Option<Result<TextSpec>> {
+        let rest = spec.strip_prefix(TEXT_PREFIX)?;
+        if !(rest.is_empty() || rest.starts_with(':')) {
+            return None;
+        }
+        let mut parts = rest.split(':').skip(1);
+        let split = parts.next().filter(|s| !s.is_empty()).unwrap_or("test").to_string();
+        let count = parts.next();
+        let bad = |msg: String| Some(Err(Error::invalid("data", spec, msg)));
+        if parts.next().is_some() || !corpus::SPLITS.contains(&split.as_str()) {
+            return bad(format!("text data is {TEXT_PREFIX}[:SPLIT][:N] with SPLIT one of {}", corpus::SPLITS.join(", ")));
+        }
+        let count = match count.map(str::parse::<usize>) {
+            None => None,
+            Some(Ok(n)) if n > 0 => Some(n),
+            Some(_) => return bad(format!("`{}` is not a positive number of sentences", count.unwrap_or(""))),
+        };
+        Some(Ok(TextSpec { split, count }))
+    }
+}
+
+impl Dataset {
+    /// Sentences of the standard-library corpus for `spec`, tokenized by `model`.
+    fn text(spec: &TextSpec, model: &dyn QuantModel) -> Result<Dataset> {
+        let corpus = StdlibCorpus::load()?;
+        let all = corpus.split(&spec.split)?;
+        let name = match spec.count {
+            Some(n) => format!("{TEXT_PREFIX}:{}:{n}", spec.split),
+            None => format!("{TEXT_PREFIX}:{}", spec.split),
+        };
+        let n = spec.count.unwrap_or(all.len());
+        if n > all.len() {
+            return Err(Error::Data {
+                source_name: name,
+                msg: format!(
+                    "the {} split has {} sentences (from {}); ask for at most that many",
+                    spec.split,
+                    all.len(),
+                    corpus.root.display()
+                ),
+            });
+        }
+        let mut sentences = all[..n].to_vec();
+        // Stable: equal lengths keep the corpus order.
+        sentences.sort_by_key(String::len);
+        let x = model.encode_text(&sentences)?;
+        Ok(Dataset { name, x, y: None })
     }
 }
 
@@ -571,6 +658,20 @@ mod tests {
         assert!(e.contains("digits:calib"), "{e}");
         let e = Dataset::load("data.csv").unwrap_err().to_string();
         assert!(e.contains(".safetensors") && e.contains(".npy"), "{e}");
+    }
+
+    #[test]
+    fn text_specs() {
+        assert!(TextSpec::parse("digits:calib").is_none());
+        assert!(TextSpec::parse("stdlib-textual").is_none());
+        let t = |s: &str| TextSpec::parse(s).unwrap();
+        assert_eq!(t("stdlib-text").unwrap(), TextSpec { split: "test".into(), count: None });
+        assert_eq!(t("stdlib-text:calib:64").unwrap(), TextSpec { split: "calib".into(), count: Some(64) });
+        assert!(t("stdlib-text:valid").unwrap_err().to_string().contains("calib, test, all"));
+        assert!(t("stdlib-text:test:0").unwrap_err().to_string().contains("positive number"));
+        assert!(t("stdlib-text:test:5:6").is_err());
+        let e = Dataset::load("stdlib-text:calib").unwrap_err().to_string();
+        assert!(e.contains("tokenized by the model"), "{e}");
     }
 
     #[test]

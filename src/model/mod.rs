@@ -8,6 +8,7 @@
 //! native models only.
 
 pub mod apply;
+pub mod corpus;
 pub mod data;
 pub mod loss;
 pub mod torchscript;
@@ -59,15 +60,42 @@ pub struct LayerInfo {
     pub macs: i64,
 }
 
+/// What a model's forward pass returns, which decides its loss and its fidelity metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputKind {
+    /// Class logits `[N, C]`: cross-entropy against labels, or KL(FP32 ‖ quantized) without;
+    /// accuracy, KL and top-1 agreement.
+    #[default]
+    Logits,
+    /// Sentence embeddings `[N, D]`: distillation to the FP32 embeddings (squared error); cosine
+    /// to FP32, nearest-neighbour recall and the rank correlation of pairwise similarities.
+    Embedding,
+}
+
 /// What the loss compares the model's output to.
 pub enum Target<'a> {
     /// Class labels (int64 `[N]`): cross-entropy.
     Labels(&'a Tensor),
     /// Logits of the full-precision model (`[N, C]`): KL(teacher ‖ student), for data without labels.
     Teacher(&'a Tensor),
+    /// Embeddings of the full-precision model (`[N, D]`): ½‖student − teacher‖² per sample
+    /// ([`loss::embedding_distillation`]).
+    TeacherEmbedding(&'a Tensor),
 }
 
-/// A classifier whose layers mixq can quantize.
+impl<'a> Target<'a> {
+    /// The distillation target for the full-precision outputs `t` of a model whose outputs are
+    /// `kind`: KL for logits, squared error for embeddings.
+    pub fn teacher(kind: OutputKind, t: &'a Tensor) -> Target<'a> {
+        match kind {
+            OutputKind::Logits => Target::Teacher(t),
+            OutputKind::Embedding => Target::TeacherEmbedding(t),
+        }
+    }
+}
+
+/// A model (a classifier or a sentence encoder) whose layers mixq can quantize.
 pub trait QuantModel {
     /// A short name for logs and reports (zoo name or file path).
     fn name(&self) -> &str;
@@ -83,13 +111,29 @@ pub trait QuantModel {
         Kind::Float
     }
 
-    /// Number of classes (width of the logits).
+    /// Number of classes (width of the logits); for an embedding model, the embedding width.
     fn num_classes(&self) -> i64;
+
+    /// What [`QuantModel::forward`] returns: logits (the default) or embeddings.
+    fn output_kind(&self) -> OutputKind {
+        OutputKind::Logits
+    }
+
+    /// Token ids `[N, L]` (int64, `L` = [`QuantModel::input_shape`]) of sentences, for models
+    /// that take text; the default is an error naming the model.
+    fn encode_text(&self, texts: &[String]) -> Result<Tensor> {
+        let _ = texts;
+        Err(Error::Unsupported(format!(
+            "model {} does not take text (it has no tokenizer); text data needs a model such as minilm",
+            self.name()
+        )))
+    }
 
     /// All trainable parameters by fully qualified name. The tensors share storage with the model.
     fn named_parameters(&self) -> Vec<(String, Tensor)>;
 
-    /// Logits `[N, num_classes]` of a batch, in evaluation mode. Gradients flow when enabled.
+    /// Logits `[N, num_classes]` (or embeddings, see [`QuantModel::output_kind`]) of a batch, in
+    /// evaluation mode. Gradients flow when enabled.
     fn forward(&self, x: &Tensor) -> Result<Tensor>;
 
     /// Whether activations at layer inputs can be quantized.

@@ -130,7 +130,7 @@ mod tests {
     use super::*;
 
     fn report() -> EvalReport {
-        let m = Metrics { samples: 10, accuracy: Some(0.9), loss: 0.25, kl: 0.01, agreement: 0.95 };
+        let m = Metrics { samples: 10, accuracy: Some(0.9), loss: 0.25, kl: 0.01, agreement: 0.95, embedding: None };
         EvalReport {
             config: "c.json".into(),
             data: "digits:test".into(),

@@ -34,8 +34,14 @@ use crate::model::{self, QuantModel};
 
 /// Loads data `data_spec` and model `model_spec` (whose layers a TorchScript module discovers on
 /// that data), converts the data to the model's input dtype and checks that it fits the model.
-/// Errors say which of the two failed to load.
+/// A zoo model is loaded first, so that it can tokenize text data. Errors say which of the two
+/// failed to load.
 pub fn load_model_and_data(model_spec: &str, data_spec: &str) -> Result<(Box<dyn QuantModel>, Dataset)> {
+    if model::zoo::NAMES.contains(&model_spec) {
+        let model = model::load(model_spec, None).map_err(|e| e.context(format!("loading model `{model_spec}`")))?;
+        let data = load_data_for(data_spec, model.as_ref())?;
+        return Ok((model, data));
+    }
     let data = Dataset::load(data_spec).map_err(|e| e.context(format!("loading data `{data_spec}`")))?;
     let model = model::load(model_spec, Some(&data)).map_err(|e| e.context(format!("loading model `{model_spec}`")))?;
     let data = data.into_kind(model.input_kind())?;
@@ -43,12 +49,19 @@ pub fn load_model_and_data(model_spec: &str, data_spec: &str) -> Result<(Box<dyn
     Ok((model, data))
 }
 
-/// Loads data `spec` for `model` (converted to its input dtype, checked against its input
-/// shape); errors name the data.
+/// Loads data `spec` for `model` (text tokenized by the model, converted to its input dtype,
+/// checked against its input shape; [`Dataset::load_for`]); errors name the data.
 pub fn load_data_for(spec: &str, model: &dyn QuantModel) -> Result<Dataset> {
-    let data = Dataset::load(spec).map_err(|e| e.context(format!("loading data `{spec}`")))?.into_kind(model.input_kind())?;
-    data.check_for(model)?;
-    Ok(data)
+    Dataset::load_for(spec, model).map_err(|e| e.context(format!("loading data `{spec}`")))
+}
+
+/// The data spec for `role` (`calib` or `test`): `given`, else the zoo model's default
+/// ([`model::zoo::default_data`]), else `digits:ROLE`.
+pub fn data_spec(model: &str, given: Option<&str>, role: &str) -> String {
+    given
+        .map(str::to_string)
+        .or_else(|| model::zoo::default_data(model, role).map(str::to_string))
+        .unwrap_or_else(|| format!("digits:{role}"))
 }
 
 /// Hex SHA-256 of a file's bytes (for provenance).

@@ -136,7 +136,7 @@ impl<'a> ActivationEngine<'a> {
         let logits = self.model.forward_with_input_hook(x, &hook)?;
         let l = match target {
             BatchTarget::Labels(y) => loss(&logits, Target::Labels(y)),
-            BatchTarget::Teacher(t) => loss(&logits, Target::Teacher(t)),
+            BatchTarget::Teacher(t) => loss(&logits, Target::teacher(self.model.output_kind(), t)),
         };
         let mut eps = eps.into_inner();
         let mut ordered = Vec::with_capacity(self.layers.len());

