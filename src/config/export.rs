@@ -145,7 +145,7 @@ impl LayerList {
         let list: LayerList = serde_json::from_str(text).map_err(|e| {
             Error::parse(
                 origin,
-                format!("not a layer list ({e}); expected {{\"model\": NAME, \"layers\": [{{\"name\", \"kind\", \"shape\", \"params\", \"macs\"}}, ...]}}, as the layers command prints with --json"),
+                format!("not a layer list ({e}); expected {{\"model\": NAME, \"layers\": [{{\"name\", \"kind\", \"shape\", \"params\", \"macs\"}}, ...]}}, as the layers command prints it in JSON"),
             )
         })?;
         if list.layers.is_empty() {
@@ -333,7 +333,9 @@ pub fn ggml_type_for(spec: &QuantSpec) -> (GgmlType, Option<String>) {
         (Format::Int { bits: 8, signed: true }, GgmlType::Q8_0) => {
             spec.granularity == Granularity::PerGroup(32) && spec.scale == ScaleType::F16 && spec.clipping == Clipping::MinMax
         }
-        (Format::Fp4E2M1, GgmlType::Mxfp4) => spec.granularity == Granularity::PerGroup(32) && spec.scale == ScaleType::E8M0,
+        (Format::Fp4E2M1, GgmlType::Mxfp4) => {
+            spec.granularity == Granularity::PerGroup(32) && spec.scale == ScaleType::E8M0 && spec.clipping == Clipping::MinMax
+        }
         _ => false,
     };
     if same {
