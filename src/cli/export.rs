@@ -3,7 +3,6 @@
 
 use crate::config::export::{self, ExportOptions, ExportTarget, LayerList};
 use crate::config::QuantConfig;
-use crate::model::data::Dataset;
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
@@ -66,8 +65,7 @@ pub fn run(a: ExportArgs) -> Result<()> {
             (list.model, list.layers)
         }
         (None, Some(spec)) => {
-            let data = Dataset::load(&a.data).with_context(|| format!("loading data `{}`", a.data))?;
-            let m = crate::model::load(spec, Some(&data)).with_context(|| format!("loading model `{spec}`"))?;
+            let (m, _) = crate::pipeline::load_model_and_data(spec, &a.data)?;
             (m.name().to_string(), m.layers().to_vec())
         }
         (None, None) => {

@@ -30,8 +30,9 @@
 //!   fields that version defines are written (`scale_dtype` needs compressed-tensors 0.13 or newer).
 //! - [`ExportTarget::Json`]: mixq's own resolved per-layer view (`mixq.resolved-config`).
 
-use crate::config::{QuantConfig, ResolvedLayer};
+use crate::config::QuantConfig;
 use crate::error::{Error, Result};
+use crate::model::ResolvedLayer;
 use crate::model::{LayerInfo, LayerKind};
 use crate::quant::{out_inner, Clipping, Format, Granularity, QuantSpec, ScaleType};
 use serde::ser::SerializeMap;

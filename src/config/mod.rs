@@ -14,7 +14,7 @@
 pub mod export;
 
 use crate::error::{Error, Result};
-use crate::model::{QuantModel, ResolvedLayer};
+use crate::model::{LayerInfo, QuantModel, ResolvedLayer};
 use crate::quant::{Clipping, Format, Granularity, QuantSpec, ScaleType};
 use regex::Regex;
 use serde::{Deserialize, Serialize};
