@@ -7,6 +7,7 @@ pub mod allocate;
 pub mod args;
 pub mod demo;
 pub mod eval;
+pub mod export;
 pub mod inspect;
 pub mod latency;
 pub mod pareto;
@@ -57,6 +58,8 @@ pub enum Command {
     /// Time every layer's GEMM under candidate formats with the low-bit kernels → latency CSV
     /// for `allocate --latency`.
     Latency(latency::LatencyArgs),
+    /// Write a config for a deployment tool: llama.cpp's llama-quantize, compressed-tensors, or JSON.
+    Export(export::ExportArgs),
 }
 
 /// Runs a parsed command line.
@@ -73,6 +76,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Search(a) => search::run(a),
         Command::Synthetic(a) => inspect::synthetic(a),
         Command::Latency(a) => latency::run(a),
+        Command::Export(a) => export::run(a),
     }
 }
 

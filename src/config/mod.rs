@@ -11,8 +11,10 @@
 //! granularity, the format's default scale type, min–max clipping), not the values of `default`.
 //! The JSON Schema of the file is `src/config/quant-config.v1.schema.json`.
 
+pub mod export;
+
 use crate::error::{Error, Result};
-use crate::model::{QuantModel, ResolvedLayer};
+use crate::model::{LayerInfo, QuantModel, ResolvedLayer};
 use crate::quant::{Clipping, Format, Granularity, QuantSpec, ScaleType};
 use regex::Regex;
 use serde::{Deserialize, Serialize};
@@ -159,20 +161,37 @@ impl QuantConfig {
     }
 
     /// Resolves every layer of `model` (exact name → first matching rule → default) and validates
-    /// the result: unknown layer names (with the closest existing names), invalid regexes, group
-    /// sizes that do not divide a layer's input dimension, activation formats on a model without
-    /// activation quantization, and a `model.weights_sha256` that does not match.
+    /// the result: everything [`QuantConfig::resolve_layers`] checks, plus activation formats on a
+    /// model without activation quantization and a `model.weights_sha256` that does not match.
     pub fn resolve(&self, model: &dyn QuantModel) -> Result<Vec<ResolvedLayer>> {
-        let layers = model.layers();
-        for name in self.layers.keys() {
-            if !layers.iter().any(|l| &l.name == name) {
-                return Err(Error::unknown_layer(name, layers.iter().map(|l| l.name.as_str())));
-            }
-        }
         if let Some(ModelRef { weights_sha256: Some(want), name }) = &self.model {
             let got = model.weights_hash();
             if &got != want {
                 tracing::warn!("config was made for model {name} with weights {want:.12}…, this model's weights are {got:.12}…");
+            }
+        }
+        let out = self.resolve_layers(model.layers(), model.name())?;
+        if !model.supports_activation_quant() {
+            if let Some((r, act)) = out.iter().find_map(|r| r.activation.map(|a| (r, a))) {
+                return Err(Error::Unsupported(format!(
+                    "{} asks for {act} activations at layer `{}`, but {} is a TorchScript model: mixq quantizes its weights only; activation quantization needs a native model",
+                    r.source,
+                    r.layer.name,
+                    model.name()
+                )));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Resolves a list of layers without a model (exact name → first matching rule → default):
+    /// what the exporters use, from a layer list alone. Errors on unknown layer names (with the
+    /// closest existing names), invalid regexes and group sizes that do not divide a layer's input
+    /// dimension; `target` names the model in warnings about rules that match nothing.
+    pub fn resolve_layers(&self, layers: &[LayerInfo], target: &str) -> Result<Vec<ResolvedLayer>> {
+        for name in self.layers.keys() {
+            if !layers.iter().any(|l| &l.name == name) {
+                return Err(Error::unknown_layer(name, layers.iter().map(|l| l.name.as_str())));
             }
         }
         let rules = self
@@ -196,20 +215,11 @@ impl QuantConfig {
             };
             let spec = setting.spec();
             spec.check_fits(&layer.name, &layer.shape)?;
-            if let Some(act) = setting.activation {
-                if !act.is_keep() && !model.supports_activation_quant() {
-                    return Err(Error::Unsupported(format!(
-                        "{source} asks for {act} activations at layer `{}`, but {} is a TorchScript model: mixq quantizes its weights only; activation quantization needs a native model",
-                        layer.name,
-                        model.name()
-                    )));
-                }
-            }
             out.push(ResolvedLayer { layer: layer.clone(), weight: spec, activation: setting.activation.filter(|a| !a.is_keep()), source });
         }
         for (i, re, _) in &rules {
             if !layers.iter().any(|l| re.is_match(&l.name)) {
-                tracing::warn!("rules[{i}] (`{}`) matches no layer of {}", self.rules[*i].pattern, model.name());
+                tracing::warn!("rules[{i}] (`{}`) matches no layer of {target}", self.rules[*i].pattern);
             }
         }
         Ok(out)
